@@ -1,0 +1,1 @@
+"""MaaS mesh shared core: settings, errors, logging, codec, registry, gRPC bootstrap."""

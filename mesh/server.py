@@ -1,0 +1,283 @@
+"""gRPC bootstrap: servers with health, reflection and error mapping; channels; metrics; signals."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mesh.errors import MeshError
+from mesh.logging import request_id_var
+from mesh.settings import MeshSettings
+
+log = logging.getLogger(__name__)
+
+_MAX_MESSAGE = 2**31 - 1
+# Every hop takes what tritonclient sends (INT32_MAX): the 4 MiB grpcio default would refuse large
+# tensors with RESOURCE_EXHAUSTED at the first internal hop.
+GRPC_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    # Keepalive detects a dead peer (kill -9, cable pulled) in seconds instead of TCP's minutes.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+# Servers accept the clients' pings above without calling them abusive.
+_SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    # A restarted service must not share a port with a stale one.
+    ("grpc.so_reuseport", 0),
+]
+
+REQUEST_ID_KEY = "x-request-id"
+
+
+def _request_id(details: grpc.HandlerCallDetails) -> str:
+    for key, value in details.invocation_metadata or ():
+        if key == REQUEST_ID_KEY:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return os.urandom(8).hex()
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps MeshError to its status code, anything unexpected to INTERNAL (logged), sets request ids."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+        if isinstance(exc, MeshError):
+            await context.abort(exc.code, exc.message)
+        log.error("unhandled error in %s", method, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        rid = _request_id(handler_call_details)
+        abort = self._abort
+
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                request_id_var.set(rid)
+                try:
+                    return await inner_uu(request, context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    await abort(context, exc, method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                request_id_var.set(rid)
+                try:
+                    return await inner_su(request_iterator, context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    await abort(context, exc, method)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, handler.request_deserializer, handler.response_serializer
+            )
+
+        inner_stream = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            request_id_var.set(rid)
+            try:
+                result = inner_stream(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await abort(context, exc, method)
+
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                streaming, handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            streaming, handler.request_deserializer, handler.response_serializer
+        )
+
+
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path is not None else None
+
+
+def server_credentials(
+    cert_file: Path | None, key_file: Path | None, ca_file: Path | None
+) -> grpc.ServerCredentials | None:
+    """TLS server credentials; with a CA file, clients must present a certificate (mTLS)."""
+    if cert_file is None or key_file is None:
+        return None
+    ca = _read(ca_file)
+    return grpc.ssl_server_credentials(
+        [(key_file.read_bytes(), cert_file.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+def channel_credentials(settings: MeshSettings | None) -> grpc.ChannelCredentials | None:
+    """Client credentials for calls between services: TLS when a CA is set, mTLS with a cert too."""
+    if settings is None or settings.tls_ca_file is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(settings.tls_ca_file),
+        private_key=_read(settings.tls_key_file),
+        certificate_chain=_read(settings.tls_cert_file),
+    )
+
+
+def open_channel(
+    address: str,
+    settings: MeshSettings | None = None,
+    *,
+    options: Sequence[tuple[str, Any]] = (),
+    server_name_override: str | None = None,
+) -> grpc.aio.Channel:
+    """One channel per upstream, reused for every call: GRPC_OPTIONS, plus mTLS when configured."""
+    opts = list(GRPC_OPTIONS) + list(options)
+    if server_name_override:
+        opts.append(("grpc.ssl_target_name_override", server_name_override))
+    creds = channel_credentials(settings)
+    if creds is not None:
+        return grpc.aio.secure_channel(address, creds, options=opts)
+    return grpc.aio.insecure_channel(address, options=opts)
+
+
+class ServiceHost:
+    """A grpc.aio server with the error interceptor, grpc.health.v1 and reflection already in place."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: MeshSettings | None = None,
+        *,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor(name), *interceptors],
+            options=[*GRPC_OPTIONS, *_SERVER_OPTIONS, *options],
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._services: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if credentials is None and settings is not None:
+            credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
+        self._credentials = credentials
+        self.port = 0
+        self.address = ""
+
+    def add_service(self, full_name: str) -> None:
+        """Declares a servicer already added to ``self.server`` (for health and reflection)."""
+        self._services.append(full_name)
+
+    async def start(self, bind: str) -> int:
+        """Binds (``host:0`` picks a free port), starts, marks every service SERVING; returns the port."""
+        reflection.enable_server_reflection(self._services, self.server)
+        if self._credentials is not None:
+            port = self.server.add_secure_port(bind, self._credentials)
+        else:
+            port = self.server.add_insecure_port(bind)
+        if port == 0:
+            raise OSError(f"could not bind {self.name} to {bind}")
+        await self.server.start()
+        self.port = port
+        host = bind.rsplit(":", 1)[0]
+        self.address = f"{host}:{port}"
+        await self.set_serving(True)
+        log.info("%s listening on %s", self.name, self.address)
+        return port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ["", *self._services]:
+            await self.health.set(service, status)
+
+    async def stop(self, grace_s: float | None = 5.0) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+async def wait_for_signal(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> signal.Signals:
+    """Waits until one of the signals arrives; returns it."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[signal.Signals] = loop.create_future()
+    for sig in signals:
+        loop.add_signal_handler(sig, lambda s=sig: fut.done() or fut.set_result(s))
+    try:
+        return await fut
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def run_service(
+    host: ServiceHost,
+    bind: str,
+    on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    grace_s: float = 10.0,
+) -> None:
+    """Starts the host, serves until SIGTERM/SIGINT, runs on_shutdown (drain), then stops."""
+    await host.start(bind)
+    sig = await wait_for_signal()
+    log.info("%s received %s, shutting down", host.name, sig.name)
+    await host.set_serving(False)
+    if on_shutdown is not None:
+        await on_shutdown()
+    await host.stop(grace_s)
+
+
+def start_metrics_server(port: int, addr: str = "127.0.0.1") -> int:
+    """Serves prometheus_client's default registry over HTTP on a thread; returns the bound port."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=addr)
+    return int(server.server_port)
+
+
+def install_uvloop() -> bool:
+    """Uses uvloop when installed (about 20% less CPU per gRPC call); returns whether it did."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    uvloop.install()
+    return True
