@@ -80,7 +80,9 @@ class EmbeddedRedis:
             except (redis.ConnectionError, FileNotFoundError, OSError):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"embedded redis did not start; see {self.data_dir / 'redis.log'}") from None
+                    raise RuntimeError(
+                        f"embedded redis did not start; see {self.data_dir / 'redis.log'}"
+                    ) from None
                 time.sleep(0.02)
         log.info("embedded redis at %s", self.url)
         return self.url

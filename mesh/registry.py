@@ -169,7 +169,9 @@ def validate_signature(sig: common_pb2.Signature, field_name: str = "signature")
                 raise InvalidArgument(f"{where}.shape: the first dimension of a batching model must be -1")
 
 
-def _weights(traffic: Iterable[tuple[int, float]] | Sequence[common_pb2.TrafficWeight]) -> list[tuple[int, float]]:
+def _weights(
+    traffic: Iterable[tuple[int, float]] | Sequence[common_pb2.TrafficWeight],
+) -> list[tuple[int, float]]:
     out: list[tuple[int, float]] = []
     for item in traffic:
         if isinstance(item, common_pb2.TrafficWeight):
@@ -201,7 +203,8 @@ class Registry:
     """Async registry client over one redis.asyncio connection pool."""
 
     def __init__(self, client: aioredis.Redis, prefix: str = "maas") -> None:
-        self.redis = client
+        # Typed as Any: redis-py's annotations model decode_responses both ways; ours is always bytes.
+        self.redis: Any = client
         self.keys = Keys(prefix)
         self._register = client.register_script(_REGISTER_LUA)
 
@@ -540,7 +543,10 @@ class Registry:
         """Publishes a worker's state with a TTL: a worker that stops beating disappears by itself."""
         _check_name(stats.worker_id, "worker_id")
         previous = await self.redis.set(
-            self.keys.worker(stats.worker_id), stats.SerializeToString(), px=max(1, int(ttl_s * 1000)), get=True
+            self.keys.worker(stats.worker_id),
+            stats.SerializeToString(),
+            px=max(1, int(ttl_s * 1000)),
+            get=True,
         )
         if previous is None:
             await self.redis.sadd(self.keys.workers, stats.worker_id)
@@ -575,7 +581,11 @@ class Registry:
         return hashlib.sha256(secret.encode()).hexdigest()
 
     async def create_api_key(
-        self, name: str, role: int = registry_pb2.INFER, models: Sequence[str] = (), rate_limit_rps: float = 0.0
+        self,
+        name: str,
+        role: int = registry_pb2.INFER,
+        models: Sequence[str] = (),
+        rate_limit_rps: float = 0.0,
     ) -> tuple[str, str]:
         """Creates a key; returns (key_id, token). Only a hash of the secret is stored."""
         if role not in (registry_pb2.INFER, registry_pb2.ADMIN):

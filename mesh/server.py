@@ -61,6 +61,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
         if isinstance(exc, MeshError):
             await context.abort(exc.code, exc.message)
+        if isinstance(exc, NotImplementedError):  # generated base servicers raise it for RPCs not served
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by {self.service}"
+            )
         log.error("unhandled error in %s", method, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
 
@@ -200,7 +204,9 @@ class ServiceHost:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._services: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
         if credentials is None and settings is not None:
-            credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
+            credentials = server_credentials(
+                settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file
+            )
         self._credentials = credentials
         self.port = 0
         self.address = ""
@@ -227,7 +233,9 @@ class ServiceHost:
         return port
 
     async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for service in ["", *self._services]:
             await self.health.set(service, status)
 
@@ -236,12 +244,18 @@ class ServiceHost:
         await self.server.stop(grace_s)
 
 
-async def wait_for_signal(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> signal.Signals:
+async def wait_for_signal(
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> signal.Signals:
     """Waits until one of the signals arrives; returns it."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[signal.Signals] = loop.create_future()
+    def arrived(sig: signal.Signals) -> None:
+        if not fut.done():
+            fut.set_result(sig)
+
     for sig in signals:
-        loop.add_signal_handler(sig, lambda s=sig: fut.done() or fut.set_result(s))
+        loop.add_signal_handler(sig, arrived, sig)
     try:
         return await fut
     finally:

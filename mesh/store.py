@@ -69,7 +69,9 @@ class ArtifactStore:
             raise IntegrityError(f"sha256: artifact {uri} has sha256 {actual}, the registry expects {sha256}")
         return path
 
-    def put_file(self, model: str, version: int | str, src: Path | str, filename: str | None = None) -> Artifact:
+    def put_file(
+        self, model: str, version: int | str, src: Path | str, filename: str | None = None
+    ) -> Artifact:
         """Copies a file in atomically (temp file + rename) and returns its URI and digest."""
         src = Path(src)
         name = filename or src.name

@@ -64,7 +64,9 @@ async def test_concurrent_registration_gives_distinct_ids(redis_url: str, prefix
 
 async def test_idempotent_registration(registry: Registry) -> None:
     first = await registry.register_version(request(idempotency_key="job-1"))
-    again = await asyncio.gather(*(registry.register_version(request(idempotency_key="job-1")) for _ in range(5)))
+    again = await asyncio.gather(
+        *(registry.register_version(request(idempotency_key="job-1")) for _ in range(5))
+    )
     assert {mv.ref.version for mv in again} == {first.ref.version}
     assert len(await registry.list_versions("digits")) == 1
 
@@ -73,7 +75,7 @@ async def test_state_machine(registry: Registry) -> None:
     mv = await registry.register_version(request())
     assert (await registry.set_state("digits", mv.ref.version, VS.LOADING)).state == VS.LOADING
     assert (await registry.set_state("digits", mv.ref.version, VS.READY)).state == VS.READY
-    with pytest.raises(FailedPrecondition, match="state: .*READY to REGISTERED"):
+    with pytest.raises(FailedPrecondition, match=r"state: .*READY to REGISTERED"):
         await registry.set_state("digits", mv.ref.version, VS.REGISTERED)
     await registry.set_state("digits", mv.ref.version, VS.RETIRED, reason="replaced")
     for target in (VS.READY, VS.LOADING, VS.FAILED):
@@ -104,7 +106,11 @@ async def test_aliases_and_traffic(registry: Registry) -> None:
     model = await registry.set_traffic("digits", [(v1, 90), (v2, 10)])
     assert [(t.version, t.weight) for t in model.traffic] == [(v1, 90.0), (v2, 10.0)]
     assert await registry.resolve("digits") == v1
-    for bad, field in (([(v1, -1)], r"traffic\[0\].weight"), ([(v1, 0)], "traffic: "), ([(v1, 1), (v1, 2)], "twice")):
+    for bad, field in (
+        ([(v1, -1)], r"traffic\[0\].weight"),
+        ([(v1, 0)], "traffic: "),
+        ([(v1, 1), (v1, 2)], "twice"),
+    ):
         with pytest.raises(InvalidArgument, match=field):
             await registry.set_traffic("digits", bad)
     with pytest.raises(VersionNotFound):
@@ -119,7 +125,9 @@ async def test_aliases_and_traffic(registry: Registry) -> None:
     assert [(t.version, t.weight) for t in model.traffic] == [(v1, 90.0)]
 
 
-async def test_events_resume_after_dropped_connection(redis_url: str, prefix: str, registry: Registry) -> None:
+async def test_events_resume_after_dropped_connection(
+    redis_url: str, prefix: str, registry: Registry
+) -> None:
     start = await registry.last_event_id()
     watcher = await Registry.connect(redis_url, prefix, client_name=f"{prefix}-watcher")
     seen: list[registry_pb2.RegistryEvent] = []
@@ -156,7 +164,7 @@ async def test_events_resume_after_dropped_connection(redis_url: str, prefix: st
 
 
 async def _until(predicate: object, step: float = 0.02) -> None:
-    while not predicate():  # type: ignore[operator]
+    while not predicate():  # type: ignore[operator]  # noqa: ASYNC110 - polling a plain list
         await asyncio.sleep(step)
 
 

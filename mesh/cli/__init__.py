@@ -1,0 +1,30 @@
+"""The `maas` command line: registry admin, demo models, compression jobs, inference, benchmarks."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import typer
+
+app = typer.Typer(
+    name="maas",
+    help="MaaS mesh: models as a service over KServe v2 gRPC.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+# Sub-commands live in their own modules and import service packages only when run.
+_SUBAPPS = {"models": "mesh.cli.models", "keys": "mesh.cli.keys", "demo": "mesh.cli.demo"}
+_REGISTRARS = ("mesh.cli.compress", "mesh.cli.infer", "mesh.cli.bench")
+
+for _name, _module in _SUBAPPS.items():
+    if importlib.util.find_spec(_module) is not None:  # TODO(lead): strict once every room has landed
+        app.add_typer(importlib.import_module(_module).app, name=_name)
+for _module in _REGISTRARS:
+    if importlib.util.find_spec(_module) is not None:
+        importlib.import_module(_module).register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,495 @@
+"""KServe v2 tensor codec: raw and typed contents to and from numpy, for every v2 datatype."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from mesh.errors import Internal, InvalidArgument
+from mesh.v2 import pb
+from mesh_pb import common_pb2
+
+__all__ = [
+    "DATATYPES",
+    "MAX_ELEMENTS",
+    "bf16_to_float32",
+    "decode_request",
+    "decode_tensor",
+    "deserialize_bytes",
+    "element_size",
+    "encode_request",
+    "encode_response",
+    "encode_tensor",
+    "float32_to_bf16",
+    "numpy_to_datatype",
+    "serialize_bytes",
+    "validate_request",
+]
+
+InputTensor: TypeAlias = pb.ModelInferRequest.InferInputTensor
+OutputTensor: TypeAlias = pb.ModelInferResponse.InferOutputTensor
+NamedArrays: TypeAlias = Mapping[str, np.ndarray] | Sequence[tuple[Any, ...]]
+
+# Largest element count a request tensor may declare; checked before anything of that size is allocated.
+MAX_ELEMENTS = 2**31
+
+# Explicit little-endian dtypes: the wire is little-endian whatever the host is.
+DATATYPES: Mapping[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    # numpy has no bfloat16: BF16 decodes (exactly) to float32.
+    "BF16": np.dtype("<f4"),
+    "BYTES": np.dtype(object),
+}
+
+_ELEMENT_SIZE: Mapping[str, int] = {
+    **{dt: np.dtype(d).itemsize for dt, d in DATATYPES.items() if dt not in ("BF16", "BYTES")},
+    "BF16": 2,
+}
+
+# Typed contents field for each datatype (InferTensorContents); FP16 and BF16 travel raw only.
+_TYPED_FIELD: Mapping[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_CONTENTS_FIELDS = tuple(pb.InferTensorContents.DESCRIPTOR.fields_by_name)
+_SHM_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+_LEN = struct.Struct("<I")
+_MAX_BYTES_ELEMENT = 2**32 - 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datatypes
+
+
+def _check_datatype(datatype: str, field: str) -> np.dtype[Any]:
+    dtype = DATATYPES.get(datatype)
+    if dtype is None:
+        raise InvalidArgument(
+            f"{field}: unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}"
+        )
+    return dtype
+
+
+def element_size(datatype: str) -> int | None:
+    """Bytes per element on the wire; None for BYTES (variable length)."""
+    _check_datatype(datatype, "datatype")
+    return _ELEMENT_SIZE.get(datatype)
+
+
+def numpy_to_datatype(dtype: npt.DTypeLike) -> str:
+    """The v2 datatype for a numpy dtype (float32 → FP32; ml_dtypes.bfloat16 → BF16; str/bytes/object → BYTES)."""
+    dt = np.dtype(dtype)
+    if dt.name == "bfloat16":
+        return "BF16"
+    if dt.kind in ("O", "S", "U"):
+        return "BYTES"
+    if dt.kind == "b":
+        return "BOOL"
+    if dt.kind in ("i", "u", "f") and dt.itemsize in (1, 2, 4, 8):
+        prefix = {"i": "INT", "u": "UINT", "f": "FP"}[dt.kind]
+        name = f"{prefix}{dt.itemsize * 8}"
+        if name in DATATYPES:
+            return name
+    raise InvalidArgument(f"dtype: numpy dtype {dt} has no KServe v2 datatype")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BYTES and BF16 serialization
+
+
+def _element_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    # Same fallback as tritonclient's serialize_byte_tensor: the str() form, UTF-8.
+    return str(value).encode("utf-8")
+
+
+def serialize_bytes(arr: npt.ArrayLike) -> bytes:
+    """BYTES raw form: per element (row-major) a 4-byte little-endian length, then the bytes."""
+    a = np.asarray(arr)
+    parts: list[bytes] = []
+    for value in a.ravel(order="C").tolist():
+        b = _element_bytes(value)
+        if len(b) > _MAX_BYTES_ELEMENT:
+            raise InvalidArgument(f"bytes: element of {len(b)} bytes exceeds the 4 GiB BYTES limit")
+        parts.append(_LEN.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def deserialize_bytes(buf: bytes | memoryview, count: int | None = None, field: str = "bytes") -> np.ndarray:
+    """Parses length-prefixed BYTES into a 1-D object array of bytes; exactly ``count`` elements when given."""
+    view = memoryview(buf).cast("B")
+    total = len(view)
+    if count is not None and count * 4 > total:
+        # Each element needs at least its 4-byte prefix: refuse before allocating ``count`` slots.
+        raise InvalidArgument(f"{field}: {total} bytes cannot hold {count} length-prefixed BYTES elements")
+    items: list[bytes] = []
+    offset = 0
+    while offset < total:
+        index = len(items)
+        if count is not None and index >= count:
+            raise InvalidArgument(
+                f"{field}: {total - offset} trailing bytes after the {count} declared BYTES elements"
+            )
+        if total - offset < 4:
+            raise InvalidArgument(
+                f"{field}: element {index}: truncated length prefix ({total - offset} of 4 bytes at offset {offset})"
+            )
+        (length,) = _LEN.unpack_from(view, offset)
+        offset += 4
+        if length > total - offset:
+            raise InvalidArgument(
+                f"{field}: element {index}: length prefix {length} exceeds the {total - offset} remaining bytes"
+            )
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    if count is not None and len(items) != count:
+        raise InvalidArgument(f"{field}: holds {len(items)} BYTES elements, shape needs {count}")
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def float32_to_bf16(arr: npt.ArrayLike) -> bytes:
+    """BF16 raw form: the upper 2 bytes of each little-endian float32, rounded to nearest even (NaN kept)."""
+    bits = np.ascontiguousarray(arr, dtype="<f4").view("<u4")
+    rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+    # NaN would round into the exponent/sign: keep it a quiet NaN of the same sign instead.
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    out = np.where(nan, (bits >> 16) | 0x0040, rounded).astype("<u2")
+    return out.tobytes()
+
+
+def bf16_to_float32(buf: bytes | memoryview) -> np.ndarray:
+    """Decodes BF16 raw bytes into float32 (exact: bf16 is the top half of a float32)."""
+    halves = np.frombuffer(buf, dtype="<u2")
+    return (halves.astype("<u4") << 16).view("<f4")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _shape_and_count(shape: Iterable[int], field: str, max_elements: int | None) -> tuple[list[int], int]:
+    limit = MAX_ELEMENTS if max_elements is None else max_elements
+    dims = [int(d) for d in shape]
+    count = 1
+    for i, d in enumerate(dims):
+        if d < 0:
+            raise InvalidArgument(f"{field}.shape: dimension {i} is {d}; request dimensions must be >= 0")
+        if d > limit:
+            raise InvalidArgument(f"{field}.shape: dimension {i} is {d}, above the limit of {limit} elements")
+        count *= d
+        if count > limit:
+            raise InvalidArgument(f"{field}.shape: {dims} declares more than {limit} elements")
+    return dims, count
+
+
+def _has_typed(tensor: InputTensor) -> bool:
+    return tensor.HasField("contents") and bool(tensor.contents.ListFields())
+
+
+def _is_shared_memory(tensor: InputTensor) -> bool:
+    return any(p in tensor.parameters for p in _SHM_PARAMS)
+
+
+def _decode_typed(tensor: InputTensor, datatype: str, dims: list[int], count: int, field: str) -> np.ndarray:
+    dtype = DATATYPES[datatype]
+    wanted = _TYPED_FIELD.get(datatype)
+    if wanted is None:
+        raise InvalidArgument(
+            f"{field}.contents: {datatype} has no typed contents; send it in raw_input_contents"
+        )
+    contents = tensor.contents
+    for name in _CONTENTS_FIELDS:
+        if name != wanted and len(getattr(contents, name)):
+            raise InvalidArgument(f"{field}.contents: {datatype} uses {wanted}, got {name}")
+    values = getattr(contents, wanted)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"{field}.contents.{wanted}: holds {len(values)} elements, shape {dims} needs {count}"
+        )
+    if datatype == "BYTES":
+        out = np.empty(count, dtype=object)
+        out[:] = list(values)
+        return out.reshape(dims)
+    if datatype in ("INT8", "INT16", "UINT8", "UINT16"):
+        wide = np.array(values, dtype=np.int64)
+        info = np.iinfo(dtype)
+        if wide.size and (wide.min() < info.min or wide.max() > info.max):
+            raise InvalidArgument(f"{field}.contents.{wanted}: value out of range for {datatype}")
+        return wide.astype(dtype).reshape(dims)
+    return np.array(values, dtype=dtype).reshape(dims)
+
+
+def _decode_raw(
+    raw: bytes, datatype: str, dims: list[int], count: int, field: str, raw_field: str
+) -> np.ndarray:
+    if datatype == "BYTES":
+        return deserialize_bytes(raw, count, f"{field}: {raw_field}").reshape(dims)
+    expected = count * _ELEMENT_SIZE[datatype]
+    if len(raw) != expected:
+        raise InvalidArgument(
+            f"{field}: {raw_field} holds {len(raw)} bytes; shape {dims} of {datatype} needs {expected}"
+        )
+    if datatype == "BF16":
+        return bf16_to_float32(raw).reshape(dims)
+    if datatype == "BOOL" and count:
+        if int(np.frombuffer(raw, dtype=np.uint8).max()) > 1:
+            raise InvalidArgument(f"{field}: {raw_field} holds a BOOL byte other than 0 or 1")
+    return np.frombuffer(raw, dtype=DATATYPES[datatype]).reshape(dims)
+
+
+def decode_tensor(
+    tensor: InputTensor,
+    raw: bytes | None,
+    field: str,
+    *,
+    raw_field: str = "raw contents",
+    max_elements: int | None = None,
+) -> np.ndarray:
+    """One request tensor as numpy, from ``raw`` (its raw_input_contents entry) or its typed contents.
+
+    Every check (datatype, dims >= 0, element limit, byte size) runs before anything of the declared
+    size is allocated. Raw fixed-size tensors are read-only zero-copy views of ``raw``.
+    """
+    datatype = tensor.datatype
+    _check_datatype(datatype, f"{field}.datatype")
+    dims, count = _shape_and_count(tensor.shape, field, max_elements)
+    if raw is not None:
+        if _has_typed(tensor):
+            raise InvalidArgument(f"{field}.contents: must be empty when raw_input_contents is used")
+        return _decode_raw(raw, datatype, dims, count, field, raw_field)
+    if not _has_typed(tensor) and count:
+        raise InvalidArgument(f"{field}: no data (neither raw_input_contents nor contents)")
+    return _decode_typed(tensor, datatype, dims, count, field)
+
+
+def _input_field(index: int, name: str) -> str:
+    return f"inputs[{index}] ({name!r})"
+
+
+def _pair_inputs(request: pb.ModelInferRequest) -> list[tuple[int, InputTensor, int | None]]:
+    """(index, tensor, raw index) per input, after the name and raw-count rules that need no data."""
+    seen: dict[str, int] = {}
+    paired: list[tuple[int, InputTensor, int | None]] = []
+    n_raw = len(request.raw_input_contents)
+    next_raw = 0
+    for i, tensor in enumerate(request.inputs):
+        field = _input_field(i, tensor.name)
+        if not tensor.name:
+            raise InvalidArgument(f"{field}.name: must not be empty")
+        if tensor.name in seen:
+            raise InvalidArgument(f"{field}.name: duplicate input (also inputs[{seen[tensor.name]}])")
+        seen[tensor.name] = i
+        if _is_shared_memory(tensor):
+            # Shared memory is not served (no region can be registered), like an unknown region in Triton.
+            raise InvalidArgument(f"{field}.parameters: shared-memory inputs are not supported")
+        if n_raw:
+            paired.append((i, tensor, next_raw))
+            next_raw += 1
+        else:
+            paired.append((i, tensor, None))
+    if n_raw and n_raw != next_raw:
+        raise InvalidArgument(
+            f"raw_input_contents: {n_raw} entries for {next_raw} inputs; one entry per input, in order"
+        )
+    return paired
+
+
+def decode_request(
+    request: pb.ModelInferRequest, *, max_elements: int | None = None
+) -> dict[str, np.ndarray]:
+    """All inputs of a ModelInferRequest by name; raw_input_contents[k] pairs with the k-th input."""
+    out: dict[str, np.ndarray] = {}
+    for i, tensor, k in _pair_inputs(request):
+        raw = None if k is None else request.raw_input_contents[k]
+        out[tensor.name] = decode_tensor(
+            tensor,
+            raw,
+            _input_field(i, tensor.name),
+            raw_field=f"raw_input_contents[{k}]",
+            max_elements=max_elements,
+        )
+    return out
+
+
+def validate_request(
+    request: pb.ModelInferRequest,
+    inputs: Sequence[common_pb2.TensorSpec],
+    max_batch_size: int,
+    *,
+    max_elements: int | None = None,
+) -> None:
+    """Checks a request against a signature without decoding data (cheap enough for every request).
+
+    ``inputs`` shapes include the batch dimension when ``max_batch_size > 0``; -1 matches any size.
+    """
+    specs = {spec.name: spec for spec in inputs}
+    batch: tuple[int, str] | None = None
+    for i, tensor, k in _pair_inputs(request):
+        field = _input_field(i, tensor.name)
+        spec = specs.get(tensor.name)
+        if spec is None:
+            expected = ", ".join(repr(n) for n in specs) or "none"
+            raise InvalidArgument(f"{field}.name: unknown input; the model's inputs are {expected}")
+        _check_datatype(tensor.datatype, f"{field}.datatype")
+        if tensor.datatype != spec.datatype:
+            raise InvalidArgument(
+                f"{field}.datatype: got {tensor.datatype}, the model expects {spec.datatype}"
+            )
+        dims, count = _shape_and_count(tensor.shape, field, max_elements)
+        want = list(spec.shape)
+        if len(dims) != len(want):
+            raise InvalidArgument(f"{field}.shape: got {dims} (rank {len(dims)}), the model expects {want}")
+        for d, (got, exp) in enumerate(zip(dims, want, strict=True)):
+            if exp >= 0 and got != exp and not (max_batch_size > 0 and d == 0):
+                raise InvalidArgument(f"{field}.shape: dimension {d} is {got}, the model expects {want}")
+        if max_batch_size > 0:
+            if not dims:
+                raise InvalidArgument(f"{field}.shape: a batching model needs a batch dimension")
+            if dims[0] > max_batch_size:
+                raise InvalidArgument(
+                    f"{field}.shape: batch size {dims[0]} exceeds the model's max_batch_size {max_batch_size}"
+                )
+            if batch is None:
+                batch = (dims[0], tensor.name)
+            elif dims[0] != batch[0]:
+                raise InvalidArgument(
+                    f"{field}.shape: batch size {dims[0]} differs from {batch[0]} of input {batch[1]!r}"
+                )
+        # Cheap data checks (O(1)): mixing, raw byte length of fixed-size types, typed element count.
+        if k is not None:
+            if _has_typed(tensor):
+                raise InvalidArgument(f"{field}.contents: must be empty when raw_input_contents is used")
+            size = _ELEMENT_SIZE.get(tensor.datatype)
+            n = len(request.raw_input_contents[k])
+            if size is not None and n != count * size:
+                raise InvalidArgument(
+                    f"{field}: raw_input_contents[{k}] holds {n} bytes; "
+                    f"shape {dims} of {tensor.datatype} needs {count * size}"
+                )
+        elif _has_typed(tensor):
+            wanted = _TYPED_FIELD.get(tensor.datatype)
+            if wanted is None:
+                raise InvalidArgument(
+                    f"{field}.contents: {tensor.datatype} has no typed contents; send it in raw_input_contents"
+                )
+            n = len(getattr(tensor.contents, wanted))
+            if n != count:
+                raise InvalidArgument(
+                    f"{field}.contents.{wanted}: holds {n} elements, shape {dims} needs {count}"
+                )
+        elif count:
+            raise InvalidArgument(f"{field}: no data (neither raw_input_contents nor contents)")
+    present = {t.name for t in request.inputs}
+    missing = [s.name for s in inputs if not s.optional and s.name not in present]
+    if missing:
+        raise InvalidArgument(f"inputs: missing required input(s) {', '.join(repr(n) for n in missing)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _to_raw(arr: np.ndarray, datatype: str, field: str) -> bytes:
+    if datatype == "BYTES":
+        if arr.dtype.kind not in ("O", "S", "U"):
+            raise Internal(f"{field}: BYTES needs an object, bytes or str array, got {arr.dtype}")
+        try:
+            return serialize_bytes(arr)
+        except InvalidArgument as exc:
+            raise Internal(f"{field}: {exc.message}") from exc
+    if datatype == "BF16":
+        if arr.dtype.name == "bfloat16":
+            return np.ascontiguousarray(arr).view("<u2").astype("<u2", copy=False).tobytes()
+        if arr.dtype.kind != "f":
+            raise Internal(f"{field}: BF16 needs a floating-point array, got {arr.dtype}")
+        return float32_to_bf16(arr)
+    target = DATATYPES[datatype]
+    if arr.dtype.name == "bfloat16":
+        arr = arr.astype(np.float32)
+    if not np.can_cast(arr.dtype, target, casting="same_kind"):
+        raise Internal(f"{field}: cannot encode a {arr.dtype} array as {datatype}")
+    return np.ascontiguousarray(arr, dtype=target).tobytes()
+
+
+def encode_tensor(name: str, arr: npt.ArrayLike, datatype: str | None = None) -> tuple[OutputTensor, bytes]:
+    """One output tensor and its raw bytes; datatype defaults to the array's (numpy_to_datatype)."""
+    a = np.asarray(arr)
+    field = f"outputs ({name!r})"
+    if datatype is None:
+        try:
+            datatype = numpy_to_datatype(a.dtype)
+        except InvalidArgument as exc:
+            raise Internal(f"{field}.datatype: {exc.message}") from exc
+    elif datatype not in DATATYPES:
+        raise Internal(f"{field}.datatype: unknown datatype {datatype!r}")
+    tensor = OutputTensor(name=name, datatype=datatype, shape=a.shape)
+    return tensor, _to_raw(a, datatype, field)
+
+
+def _named(items: NamedArrays) -> list[tuple[str, np.ndarray, str | None]]:
+    if isinstance(items, Mapping):
+        return [(name, arr, None) for name, arr in items.items()]
+    out: list[tuple[str, np.ndarray, str | None]] = []
+    for item in items:
+        if len(item) == 2:
+            out.append((item[0], item[1], None))
+        elif len(item) == 3:
+            out.append((item[0], item[1], item[2]))
+        else:
+            raise Internal(f"outputs: expected (name, array[, datatype]) tuples, got {len(item)} items")
+    return out
+
+
+def encode_response(response: pb.ModelInferResponse, outputs: NamedArrays) -> pb.ModelInferResponse:
+    """Appends outputs with raw_output_contents (one per output, same order; never typed contents)."""
+    if len(response.outputs) != len(response.raw_output_contents):
+        raise Internal("outputs: response already mixes outputs without raw_output_contents")
+    for name, arr, datatype in _named(outputs):
+        tensor, raw = encode_tensor(name, arr, datatype)
+        response.outputs.append(tensor)
+        response.raw_output_contents.append(raw)
+    return response
+
+
+def encode_request(request: pb.ModelInferRequest, inputs: NamedArrays) -> pb.ModelInferRequest:
+    """Appends inputs with raw_input_contents, as tritonclient's set_data_from_numpy does."""
+    if len(request.inputs) != len(request.raw_input_contents):
+        raise Internal("inputs: request already mixes inputs without raw_input_contents")
+    for name, arr, datatype in _named(inputs):
+        out, raw = encode_tensor(name, arr, datatype)
+        request.inputs.append(InputTensor(name=out.name, datatype=out.datatype, shape=out.shape))
+        request.raw_input_contents.append(raw)
+    return request

@@ -1,0 +1,123 @@
+"""gRPC bootstrap: typed errors become status codes, health and reflection answer, stubs coexist."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from mesh.errors import InvalidArgument, NotFound, Unavailable, from_rpc_error
+from mesh.server import ServiceHost, open_channel
+from mesh.v2 import SERVICE_NAME, pb, pb_grpc
+
+
+class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        raise NotFound(f"name: model '{request.name}' is not found")
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        raise ZeroDivisionError("a bug")
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for req in request_iterator:
+            if req.id == "bad":
+                raise InvalidArgument("inputs[0].shape: negative dimension")
+            yield pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(id=req.id))
+
+
+@pytest.fixture
+async def host() -> AsyncIterator[ServiceHost]:
+    h = ServiceHost("test")
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(), h.server)
+    h.add_service(SERVICE_NAME)
+    await h.start("127.0.0.1:0")
+    yield h
+    await h.stop(0)
+
+
+async def test_errors_map_to_status_codes(host: ServiceHost) -> None:
+    async with open_channel(host.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ModelReady(pb.ModelReadyRequest(name="nope"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in (err.value.details() or "")
+        assert isinstance(from_rpc_error(err.value), NotFound)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ModelMetadata(pb.ModelMetadataRequest(name="x"))
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "ZeroDivisionError" in (
+            err.value.details() or ""
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ModelInfer(pb.ModelInferRequest(model_name="x"))
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+        async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+            yield pb.ModelInferRequest(id="a")
+            yield pb.ModelInferRequest(id="bad")
+
+        call = stub.ModelStreamInfer(requests())
+        first = await call.read()
+        assert first.infer_response.id == "a"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "inputs[0].shape" in (
+            err.value.details() or ""
+        )
+        # The server survived all of it.
+        assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+
+
+async def test_health_and_reflection(host: ServiceHost) -> None:
+    async with open_channel(host.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            resp = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+        async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        names = []
+        async for resp in refl.ServerReflectionInfo(ask()):
+            names = [s.name for s in resp.list_services_response.service]
+        assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
+        await host.set_serving(False)
+        resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_our_stubs_and_tritonclient_share_one_process() -> None:
+    import tritonclient.grpc as tc
+    from tritonclient.grpc import service_pb2
+
+    from mesh_pb import common_pb2, compressor_pb2, registry_pb2, router_pb2, worker_pb2
+
+    assert pb.ModelInferRequest is service_pb2.ModelInferRequest
+    assert tc.InferInput("x", [1], "FP32") is not None
+    packages = {
+        m.DESCRIPTOR.package for m in (common_pb2, registry_pb2, router_pb2, worker_pb2, compressor_pb2)
+    }
+    assert packages == {"maas.v1"}
+    assert service_pb2.DESCRIPTOR.package == "inference"
+
+
+def test_errors_carry_code_and_retryability() -> None:
+    assert Unavailable("x").retryable and not InvalidArgument("x").retryable
+    assert Unavailable("x", retryable=False).retryable is False
+    assert InvalidArgument("f: bad").code == grpc.StatusCode.INVALID_ARGUMENT
