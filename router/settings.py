@@ -1,0 +1,64 @@
+"""Router settings, read from MAAS_ROUTER_* environment variables (plus the common MAAS_* fields)."""
+
+from __future__ import annotations
+
+from pydantic_settings import SettingsConfigDict
+
+from mesh.settings import MeshSettings
+
+
+class RouterSettings(MeshSettings):
+    """Where the router listens, how often it rebuilds and publishes the table, and placement policy."""
+
+    model_config = SettingsConfigDict(env_prefix="MAAS_ROUTER_", extra="ignore", populate_by_name=True)
+
+    bind: str = "127.0.0.1:8101"
+    """host:port of the router's gRPC server (RouterService, RegistryService, health)."""
+
+    metrics_port: int = 0
+    """Port of the Prometheus metrics HTTP server; 0 = no metrics server."""
+
+    publish_interval_s: float = 2.0
+    """Longest time between two tables sent to a subscriber, even when nothing changed."""
+
+    debounce_s: float = 0.05
+    """Registry events arriving within this window are coalesced into one rebuild."""
+
+    poll_interval_s: float = 0.5
+    """How often worker heartbeats (liveness, loaded versions, queue depths) are read."""
+
+    models_refresh_s: float = 2.0
+    """How often models are re-read even without registry events (in case an event was missed)."""
+
+    placement: bool = True
+    """Place versions on workers (load/unload); false = only publish the table."""
+
+    placement_interval_s: float = 1.0
+    """Longest time between two placement passes (a change in the registry or workers runs one sooner)."""
+
+    default_min_replicas: int = 1
+    """Replicas of a version whose min_replicas is 0."""
+
+    scale_queue_depth: int = 8
+    """Mean queue depth per replica above which a version gets one more replica (up to max_replicas)."""
+
+    scale_after_s: float = 5.0
+    """The queue depth must stay above scale_queue_depth this long before a replica is added."""
+
+    scale_down_after_s: float = 120.0
+    """An extra replica (above min_replicas) whose version saw no queue this long is unloaded."""
+
+    memory_pressure: float = 0.9
+    """Fraction of a worker's memory budget above which the router unloads its coldest extra replicas."""
+
+    load_timeout_s: float = 120.0
+    """Longest wait for one worker's LoadVersion call."""
+
+    load_grace_s: float = 10.0
+    """After a load/unload, trust the call's result this long even if heartbeats do not show it yet."""
+
+    retry_failed_load_s: float = 10.0
+    """Wait before retrying a load that failed for a transient reason (worker unavailable)."""
+
+    stop_grace_s: float = 2.0
+    """Grace period for in-flight RPCs when the router stops."""
