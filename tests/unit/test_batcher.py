@@ -1,0 +1,177 @@
+"""Dynamic batcher: merging, splitting, deadlines, cancellation, backpressure, failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from mesh.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted
+from workers.batcher import BatchingPolicy, DynamicBatcher
+
+W = np.arange(12, dtype=np.float32).reshape(4, 3) / 7.0
+
+
+def affine(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    x = inputs["x"]
+    if np.any(x < -1000):
+        raise ValueError("poison row")
+    return {"y": x @ W + 1.0}
+
+
+class Gate:
+    """Run function that blocks until released, to hold requests in the queue."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.sizes: list[int] = []
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.sizes.append(int(inputs["x"].shape[0]))
+        self.entered.set()
+        assert self.release.wait(10)
+        return affine(inputs)
+
+
+@pytest.fixture
+def executor():
+    ex = ThreadPoolExecutor(2)
+    yield ex
+    ex.shutdown(wait=True)
+
+
+async def test_concurrent_requests_merge_and_split(executor: ThreadPoolExecutor) -> None:
+    gate = Gate()
+    b = DynamicBatcher(gate, BatchingPolicy(max_batch_size=16, max_queue_delay_us=2000), executor, name="m")
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((int(rng.integers(1, 4)), 4)).astype(np.float32) for _ in range(12)]
+    first = asyncio.create_task(b.submit({"x": xs[0]}))
+    await asyncio.to_thread(gate.entered.wait, 5)
+    rest = [asyncio.create_task(b.submit({"x": x})) for x in xs[1:]]
+    await asyncio.sleep(0.05)
+    assert b.queue_depth == len(xs) - 1
+    gate.release.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+    for x, r in zip(xs, results, strict=True):
+        np.testing.assert_allclose(r["y"], x @ W + 1.0, rtol=1e-5, atol=1e-6)
+    assert max(gate.sizes) > xs[0].shape[0]
+    assert b.stats.execution_count < len(xs)
+    assert any(size > 1 for size in b.stats.batches)
+    assert b.stats.inference_count == sum(x.shape[0] for x in xs)
+    st = b.stats
+    assert st.compute_input.count == st.compute_infer.count == st.compute_output.count == len(xs)
+    assert st.success.count == len(xs)
+    await b.close()
+
+
+async def test_max_batch_size_respected_and_preferred(executor: ThreadPoolExecutor) -> None:
+    gate = Gate()
+    b = DynamicBatcher(
+        gate,
+        BatchingPolicy(max_batch_size=8, max_queue_delay_us=100_000, preferred_batch_sizes=(4,)),
+        executor,
+        name="m",
+    )
+    gate.release.set()
+    xs = [np.full((1, 4), i, np.float32) for i in range(10)]
+    results = await asyncio.wait_for(asyncio.gather(*(b.submit({"x": x}) for x in xs)), 10)
+    for x, r in zip(xs, results, strict=True):
+        np.testing.assert_allclose(r["y"], x @ W + 1.0, rtol=1e-5, atol=1e-6)
+    assert max(gate.sizes) <= 8
+    assert 4 in gate.sizes
+    await b.close()
+
+
+async def test_batch_over_max_rejected(executor: ThreadPoolExecutor) -> None:
+    b = DynamicBatcher(affine, BatchingPolicy(max_batch_size=4), executor, name="m")
+    with pytest.raises(InvalidArgument, match="max_batch_size"):
+        await b.submit({"x": np.zeros((5, 4), np.float32)})
+    await b.close()
+
+
+async def test_incompatible_shapes_not_merged(executor: ThreadPoolExecutor) -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen.append(inputs["x"].shape)
+        return {"y": inputs["x"].sum(axis=1)}
+
+    b = DynamicBatcher(run, BatchingPolicy(max_batch_size=8, max_queue_delay_us=20_000), executor, name="m")
+    a, c = np.ones((2, 3), np.float32), np.ones((1, 5), np.float32)
+    ra, rc = await asyncio.wait_for(asyncio.gather(b.submit({"x": a}), b.submit({"x": c})), 10)
+    np.testing.assert_allclose(ra["y"], [3, 3])
+    np.testing.assert_allclose(rc["y"], [5])
+    assert sorted(seen) == [(1, 5), (2, 3)]
+    await b.close()
+
+
+async def test_deadline_expires_in_queue(executor: ThreadPoolExecutor) -> None:
+    gate = Gate()
+    b = DynamicBatcher(gate, BatchingPolicy(max_batch_size=4), executor, name="m")
+    loop = asyncio.get_running_loop()
+    first = asyncio.create_task(b.submit({"x": np.ones((1, 4), np.float32)}))
+    await asyncio.to_thread(gate.entered.wait, 5)
+    with pytest.raises(DeadlineExceeded, match="deadline"):
+        await b.submit({"x": np.ones((1, 4), np.float32)}, deadline=loop.time() + 0.05)
+    assert b.queue_depth == 0
+    gate.release.set()
+    await asyncio.wait_for(first, 10)
+    assert b.stats.fail.count == 1
+    await b.close()
+
+
+async def test_cancelled_request_frees_slot_and_full_queue(executor: ThreadPoolExecutor) -> None:
+    gate = Gate()
+    b = DynamicBatcher(gate, BatchingPolicy(max_batch_size=4, max_queue_size=2), executor, name="m")
+    first = asyncio.create_task(b.submit({"x": np.ones((1, 4), np.float32)}))
+    await asyncio.to_thread(gate.entered.wait, 5)
+    q1 = asyncio.create_task(b.submit({"x": np.ones((1, 4), np.float32)}))
+    q2 = asyncio.create_task(b.submit({"x": np.ones((1, 4), np.float32)}))
+    await asyncio.sleep(0.02)
+    assert b.queue_depth == 2
+    with pytest.raises(ResourceExhausted, match="full"):
+        await b.submit({"x": np.ones((1, 4), np.float32)})
+    q1.cancel()
+    await asyncio.sleep(0.01)
+    assert b.queue_depth == 1
+    q3 = asyncio.create_task(b.submit({"x": 2 * np.ones((1, 4), np.float32)}))
+    gate.release.set()
+    r = await asyncio.wait_for(asyncio.gather(first, q2, q3), 10)
+    np.testing.assert_allclose(r[2]["y"], 2 * np.ones((1, 4), np.float32) @ W + 1.0, rtol=1e-5, atol=1e-6)
+    assert await b.drain(5)
+    await b.close()
+
+
+async def test_failing_request_fails_alone(executor: ThreadPoolExecutor) -> None:
+    gate = Gate()
+    b = DynamicBatcher(gate, BatchingPolicy(max_batch_size=8, max_queue_delay_us=1000), executor, name="m")
+    first = asyncio.create_task(b.submit({"x": np.ones((1, 4), np.float32)}))
+    await asyncio.to_thread(gate.entered.wait, 5)
+    good = [asyncio.create_task(b.submit({"x": np.full((1, 4), i, np.float32)})) for i in range(3)]
+    bad = asyncio.create_task(b.submit({"x": np.full((1, 4), -5000, np.float32)}))
+    await asyncio.sleep(0.02)
+    gate.release.set()
+    await asyncio.wait_for(first, 10)
+    for i, t in enumerate(good):
+        r = await asyncio.wait_for(t, 10)
+        np.testing.assert_allclose(r["y"], np.full((1, 4), i, np.float32) @ W + 1.0, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Internal, match="poison"):
+        await asyncio.wait_for(bad, 10)
+    await b.close()
+
+
+async def test_batching_disabled_runs_alone(executor: ThreadPoolExecutor) -> None:
+    gate = Gate()
+    gate.release.set()
+    b = DynamicBatcher(gate, BatchingPolicy(max_batch_size=8, enabled=False), executor, name="m")
+    xs = [np.full((2, 4), i, np.float32) for i in range(5)]
+    results = await asyncio.wait_for(asyncio.gather(*(b.submit({"x": x}) for x in xs)), 10)
+    for x, r in zip(xs, results, strict=True):
+        np.testing.assert_allclose(r["y"], x @ W + 1.0, rtol=1e-5, atol=1e-6)
+    assert gate.sizes == [2] * 5
+    await b.close()

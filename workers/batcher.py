@@ -1,0 +1,405 @@
+"""Transport-free dynamic batcher: merges concurrent requests along dim 0 into one forward pass."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mesh.errors import DeadlineExceeded, Internal, InvalidArgument, MeshError, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+RunFn = Callable[[Mapping[str, np.ndarray]], Arrays]
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    """Triton's dynamic_batching block for one version."""
+
+    max_batch_size: int = 0
+    """Largest merged batch; 0 = the model has no batch dimension (requests never merge)."""
+    enabled: bool = True
+    """False: every request runs alone (still queued, still in a worker thread)."""
+    max_queue_delay_us: int = 0
+    """How long the oldest queued request waits for company before its batch runs."""
+    preferred_batch_sizes: tuple[int, ...] = ()
+    """Batch sizes dispatched as soon as they can be formed."""
+    max_queue_size: int = 0
+    """Queued requests above which submit() raises ResourceExhausted; 0 = unbounded."""
+    instances: int = 1
+    """Batches of this version computed at the same time."""
+
+    @property
+    def merges(self) -> bool:
+        return self.enabled and self.max_batch_size > 1
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclass
+class BatchSizeStats:
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
+class VersionStats:
+    """Triton-shaped statistics of one version; compute_* counts are per request, so always equal."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batches: dict[int, BatchSizeStats] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Item:
+    inputs: Mapping[str, np.ndarray]
+    size: int
+    key: tuple[Any, ...]
+    future: asyncio.Future[Arrays]
+    enqueued_ns: int
+    timer: asyncio.TimerHandle | None = None
+    taken: bool = False
+
+
+class BatchObserver:
+    """Hook for metrics: called on the event loop after each batch."""
+
+    def on_batch(self, size: int, requests: int, queue_ns: list[int], compute_ns: int, ok: bool) -> None:
+        pass
+
+
+def _merge_key(inputs: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
+    return tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(inputs.items()))
+
+
+class DynamicBatcher:
+    """Queues requests of one version and runs them in merged batches on an executor thread.
+
+    Each request's deadline is honoured while it waits (it leaves with DeadlineExceeded); a cancelled
+    request leaves the queue at once; a full queue refuses new requests with ResourceExhausted. When a
+    merged batch fails, its requests are retried one by one so that one bad request fails alone.
+    """
+
+    def __init__(
+        self,
+        run: RunFn,
+        policy: BatchingPolicy,
+        executor: Executor | None = None,
+        *,
+        name: str = "",
+        stats: VersionStats | None = None,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._run_fn = run
+        self.policy = policy
+        self._executor = executor
+        self.name = name
+        self.stats = stats if stats is not None else VersionStats()
+        self._observer = observer
+        self._queue: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self.in_flight = 0
+        self._delay_s = policy.max_queue_delay_us / 1e6 if policy.merges else 0.0
+        limit = policy.max_batch_size if policy.merges else 1
+        self._early = min(max(policy.preferred_batch_sizes), limit) if policy.preferred_batch_sizes else limit
+        self._limit = limit
+        self._preferred = sorted(p for p in policy.preferred_batch_sizes if 0 < p <= limit)
+
+    # -- public ------------------------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._tasks:
+            return
+        for i in range(max(1, self.policy.instances)):
+            self._tasks.append(asyncio.create_task(self._loop(), name=f"batcher-{self.name}-{i}"))
+
+    async def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> Arrays:
+        """Runs one request (possibly merged with others); `deadline` is in loop.time() seconds."""
+        if self._closed:
+            raise Unavailable(f"model '{self.name}' is unloading")
+        policy = self.policy
+        size = 1
+        if policy.max_batch_size > 0:
+            size = next(iter(inputs.values())).shape[0] if inputs else 1
+            if size > policy.max_batch_size:
+                raise InvalidArgument(
+                    f"inputs: batch size {size} exceeds max_batch_size {policy.max_batch_size} of '{self.name}'"
+                )
+        if policy.max_queue_size and len(self._queue) >= policy.max_queue_size:
+            raise ResourceExhausted(f"queue of '{self.name}' is full ({policy.max_queue_size} requests)")
+        loop = asyncio.get_running_loop()
+        if deadline is not None and deadline <= loop.time():
+            raise DeadlineExceeded(f"deadline expired before '{self.name}' could queue the request")
+        if not self._tasks:
+            self.start()
+        item = _Item(
+            inputs,
+            size,
+            _merge_key(inputs) if policy.merges else (),
+            loop.create_future(),
+            time.monotonic_ns(),
+        )
+        if deadline is not None:
+            item.timer = loop.call_at(deadline, self._expire, item)
+        self._queue.append(item)
+        self._idle.clear()
+        self._wakeup.set()
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            # A cancelled client frees its slot at once (its batch, if already running, finishes anyway).
+            self._drop(item)
+            raise
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Waits until nothing is queued or computing; returns False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Stops the loops; requests still queued fail with Unavailable."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._tasks.clear()
+        while self._queue:
+            item = self._queue.popleft()
+            self._fail(item, Unavailable(f"model '{self.name}' was unloaded"))
+        self._idle.set()
+
+    # -- queue management --------------------------------------------------------------------------------
+
+    def _drop(self, item: _Item) -> None:
+        if item.timer is not None:
+            item.timer.cancel()
+        if not item.taken:
+            item.taken = True
+            try:
+                self._queue.remove(item)
+            except ValueError:
+                pass
+            self._maybe_idle()
+
+    def _expire(self, item: _Item) -> None:
+        if item.taken or item.future.done():
+            return
+        self._drop(item)
+        self.stats.fail.add(time.monotonic_ns() - item.enqueued_ns)
+        item.future.set_exception(
+            DeadlineExceeded(f"request to '{self.name}' waited in the queue past its deadline")
+        )
+
+    def _fail(self, item: _Item, exc: BaseException) -> None:
+        if item.timer is not None:
+            item.timer.cancel()
+        if not item.future.done():
+            item.future.set_exception(exc)
+
+    def _maybe_idle(self) -> None:
+        if not self._queue and self.in_flight == 0:
+            self._idle.set()
+
+    def _pending_size(self) -> int:
+        return sum(it.size for it in self._queue)
+
+    def _take(self, limit: int) -> list[_Item]:
+        batch: list[_Item] = []
+        total = 0
+        key: tuple[Any, ...] | None = None
+        keep: deque[_Item] = deque()
+        if not self.policy.merges:
+            while self._queue:
+                item = self._queue.popleft()
+                if item.future.done():
+                    item.taken = True
+                    continue
+                item.taken = True
+                if item.timer is not None:
+                    item.timer.cancel()
+                return [item]
+            return batch
+        while self._queue:
+            item = self._queue.popleft()
+            if item.future.done():
+                item.taken = True
+                continue
+            if key is None:
+                key = item.key
+            if item.key != key or total + item.size > limit:
+                keep.append(item)
+                if total >= limit:
+                    break
+                continue
+            item.taken = True
+            if item.timer is not None:
+                item.timer.cancel()
+            batch.append(item)
+            total += item.size
+        keep.extend(self._queue)
+        self._queue = keep
+        if self._preferred and len(batch) > 1 and total not in self._preferred:
+            # Cut back to the largest preferred size that a prefix of whole requests reaches.
+            cut, running = 0, 0
+            for i, it in enumerate(batch):
+                running += it.size
+                if running in self._preferred:
+                    cut = i + 1
+            if cut:
+                for it in reversed(batch[cut:]):
+                    it.taken = False
+                    self._queue.appendleft(it)
+                batch = batch[:cut]
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self._delay_s > 0 and self._pending_size() < self._early:
+                dispatch_at = self._queue[0].enqueued_ns / 1e9 + self._delay_s
+                wait = dispatch_at - time.monotonic()
+                while wait > 0 and self._queue and self._pending_size() < self._early:
+                    self._wakeup.clear()
+                    handle = loop.call_later(wait, self._wakeup.set)
+                    await self._wakeup.wait()
+                    handle.cancel()
+                    wait = dispatch_at - time.monotonic()
+            batch = self._take(self._limit)
+            if not batch:
+                self._maybe_idle()
+                continue
+            await self._execute(batch)
+
+    # -- execution ---------------------------------------------------------------------------------------
+
+    def _compute(self, batch: list[_Item]) -> tuple[list[Arrays], int, int, int]:
+        t0 = time.monotonic_ns()
+        if len(batch) == 1:
+            inputs: Mapping[str, np.ndarray] = batch[0].inputs
+        else:
+            inputs = {name: np.concatenate([it.inputs[name] for it in batch]) for name in batch[0].inputs}
+        t1 = time.monotonic_ns()
+        outputs = self._run_fn(inputs)
+        t2 = time.monotonic_ns()
+        if len(batch) == 1:
+            parts = [outputs]
+        else:
+            total = sum(it.size for it in batch)
+            for name, arr in outputs.items():
+                if arr.ndim == 0 or arr.shape[0] != total:
+                    raise Internal(f"output '{name}' has batch {arr.shape[:1]}, expected {total}")
+            parts = []
+            start = 0
+            for it in batch:
+                end = start + it.size
+                parts.append({name: arr[start:end] for name, arr in outputs.items()})
+                start = end
+        t3 = time.monotonic_ns()
+        return parts, t1 - t0, t2 - t1, t3 - t2
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        start_ns = time.monotonic_ns()
+        queue_ns = [start_ns - it.enqueued_ns for it in batch]
+        self.in_flight += len(batch)
+        try:
+            parts, in_ns, infer_ns, out_ns = await loop.run_in_executor(self._executor, self._compute, batch)
+        except asyncio.CancelledError:
+            self.in_flight -= len(batch)
+            for it in batch:
+                self._fail(it, Unavailable(f"model '{self.name}' was unloaded"))
+            raise
+        except Exception as exc:
+            self.in_flight -= len(batch)
+            if len(batch) > 1:
+                # Find the culprit: rerun each request alone so the others still succeed.
+                for it in batch:
+                    await self._execute([it])
+                return
+            err = (
+                exc
+                if isinstance(exc, MeshError)
+                else Internal(f"model '{self.name}' failed: {type(exc).__name__}: {exc}")
+            )
+            if not isinstance(exc, MeshError):
+                log.warning("model %s raised %s: %s", self.name, type(exc).__name__, exc)
+            now = time.monotonic_ns()
+            for it in batch:
+                self.stats.fail.add(now - it.enqueued_ns)
+                self._fail(it, err)
+            if self._observer is not None:
+                self._observer.on_batch(batch[0].size, 1, queue_ns, now - start_ns, False)
+            self._maybe_idle()
+            return
+        self.in_flight -= len(batch)
+        now = time.monotonic_ns()
+        size = sum(it.size for it in batch)
+        n = len(batch)
+        st = self.stats
+        st.inference_count += size
+        st.execution_count += 1
+        st.last_inference_ms = int(time.time() * 1000)
+        # Per-request counts (Triton's): compute_input/infer/output counts stay equal for perf_analyzer.
+        st.compute_input.add(in_ns * n, n)
+        st.compute_infer.add(infer_ns * n, n)
+        st.compute_output.add(out_ns * n, n)
+        bs = st.batches.get(size)
+        if bs is None:
+            bs = st.batches[size] = BatchSizeStats()
+        bs.compute_input.add(in_ns)
+        bs.compute_infer.add(infer_ns)
+        bs.compute_output.add(out_ns)
+        for it, part, q in zip(batch, parts, queue_ns, strict=True):
+            st.queue.add(q)
+            if it.future.done():
+                continue
+            st.success.add(now - it.enqueued_ns)
+            it.future.set_result(part)
+        if self._observer is not None:
+            self._observer.on_batch(size, n, queue_ns, in_ns + infer_ns + out_ns, True)
+        self._maybe_idle()

@@ -1,0 +1,502 @@
+"""ModelManager: the versions loaded on this worker, their batchers, memory budget, LRU eviction, stats."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from prometheus_client import Counter, Gauge, Histogram
+
+from mesh.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    MeshError,
+    ModelNotFound,
+    ResourceExhausted,
+    Unavailable,
+    VersionNotFound,
+)
+from mesh.store import ArtifactStore
+from mesh_pb import common_pb2, worker_pb2
+from workers.batcher import BatchingPolicy, BatchObserver, DynamicBatcher, VersionStats
+from workers.runtimes import Runtime, load_runtime
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+_LABELS = ("model", "version")
+REQUESTS = Counter("maas_worker_requests_total", "Inference requests received per version", _LABELS)
+FAILURES = Counter(
+    "maas_worker_request_failures_total", "Inference requests that failed per version", _LABELS
+)
+QUEUE_SECONDS = Histogram(
+    "maas_worker_queue_seconds",
+    "Time requests wait in the batcher queue",
+    _LABELS,
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+COMPUTE_SECONDS = Histogram(
+    "maas_worker_compute_seconds",
+    "Time of one batched forward pass (input merge + infer + output split)",
+    _LABELS,
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+)
+BATCH_SIZE = Histogram(
+    "maas_worker_batch_size",
+    "Batch size of each forward pass",
+    _LABELS,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+LOADED_VERSIONS = Gauge("maas_worker_loaded_versions", "Versions loaded on this worker", ("worker",))
+VERSION_MEMORY = Gauge("maas_worker_version_memory_bytes", "Memory held by a loaded version", _LABELS)
+
+
+class _MetricsObserver(BatchObserver):
+    def __init__(self, model: str, version: str) -> None:
+        self.queue = QUEUE_SECONDS.labels(model, version)
+        self.compute = COMPUTE_SECONDS.labels(model, version)
+        self.batch = BATCH_SIZE.labels(model, version)
+
+    def on_batch(self, size: int, requests: int, queue_ns: list[int], compute_ns: int, ok: bool) -> None:
+        for q in queue_ns:
+            self.queue.observe(q / 1e9)
+        self.compute.observe(compute_ns / 1e9)
+        if ok:
+            self.batch.observe(size)
+
+
+@dataclass(eq=False)
+class ServedVersion:
+    """One version loaded here: its record, runtime, batcher and counters."""
+
+    record: common_pb2.ModelVersion
+    runtime: Runtime
+    batcher: DynamicBatcher
+    stats: VersionStats
+    memory_bytes: int
+    loaded_ms: int
+    last_used_ms: int = 0
+    streams: int = 0
+    output_types: dict[str, str] = field(default_factory=dict)
+    requests_metric: Any = None
+    failures_metric: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.record.ref.name
+
+    @property
+    def version(self) -> int:
+        return int(self.record.ref.version)
+
+    @property
+    def version_str(self) -> str:
+        return str(self.record.ref.version)
+
+    @property
+    def decoupled(self) -> bool:
+        return self.record.signature.decoupled
+
+    @property
+    def busy(self) -> int:
+        return self.batcher.queue_depth + self.batcher.in_flight + self.streams
+
+
+def policy_for(record: common_pb2.ModelVersion) -> BatchingPolicy:
+    sig, b = record.signature, record.batching
+    return BatchingPolicy(
+        max_batch_size=max(0, sig.max_batch_size),
+        enabled=b.enabled and sig.max_batch_size > 1 and not sig.decoupled,
+        max_queue_delay_us=int(b.max_queue_delay_us),
+        preferred_batch_sizes=tuple(int(p) for p in b.preferred_batch_sizes),
+        max_queue_size=int(b.max_queue_size),
+    )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def default_budget(device: torch.device) -> int:
+    """80% of the GPU's memory on CUDA, half the machine's RAM on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * 0.8)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
+    except (OSError, ValueError):
+        return 8 << 30
+
+
+class ModelManager:
+    """Versions loaded on this worker. Transport-free: the servicers only decode, call and encode."""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        device: torch.device,
+        *,
+        worker_id: str = "",
+        memory_budget_bytes: int = 0,
+        compute_threads: int = 4,
+        load_threads: int = 1,
+        warmup: bool = True,
+    ) -> None:
+        self.store = store
+        self.device = device
+        self.worker_id = worker_id
+        self.memory_budget = memory_budget_bytes or default_budget(device)
+        self.warmup = warmup
+        self.executor = ThreadPoolExecutor(max(1, compute_threads), thread_name_prefix="compute")
+        self._load_executor = ThreadPoolExecutor(max(1, load_threads), thread_name_prefix="load")
+        self._models: dict[str, dict[int, ServedVersion]] = {}
+        self._newest: dict[str, ServedVersion] = {}
+        self._load_locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._budget_lock = asyncio.Lock()
+        self.draining = False
+        self.failures: dict[tuple[str, int], str] = {}
+        self._loaded_gauge = LOADED_VERSIONS.labels(worker_id or "worker")
+
+    # -- lookup (hot path) -------------------------------------------------------------------------------
+
+    def resolve(self, name: str, version: str = "") -> ServedVersion:
+        """The loaded version a request names: "" = the newest version of the model loaded here."""
+        if self.draining:
+            raise Unavailable("worker is draining: retry on another worker")
+        return self.get(name, version)
+
+    def get(self, name: str, version: str = "") -> ServedVersion:
+        """Like resolve() but also while draining (metadata, statistics)."""
+        if not version:
+            sv = self._newest.get(name)
+            if sv is None:
+                raise ModelNotFound(name)
+            return sv
+        versions = self._models.get(name)
+        if versions is None:
+            raise ModelNotFound(name)
+        try:
+            sv = versions.get(int(version))  # type: ignore[assignment]
+        except ValueError:
+            raise VersionNotFound(name, version) from None
+        if sv is None:
+            raise VersionNotFound(name, version)
+        return sv
+
+    def versions(self) -> list[ServedVersion]:
+        return [sv for versions in self._models.values() for sv in versions.values()]
+
+    def model_versions(self, name: str) -> list[ServedVersion]:
+        return sorted(self._models.get(name, {}).values(), key=lambda sv: sv.version)
+
+    # -- inference ---------------------------------------------------------------------------------------
+
+    async def infer(
+        self, sv: ServedVersion, inputs: Mapping[str, np.ndarray], deadline: float | None = None
+    ) -> Arrays:
+        """One request through the version's dynamic batcher."""
+        if sv.decoupled:
+            raise InvalidArgument(f"model '{sv.name}' is decoupled: call it with ModelStreamInfer")
+        sv.last_used_ms = _now_ms()
+        sv.requests_metric.inc()
+        try:
+            return await sv.batcher.submit(inputs, deadline)
+        except BaseException:
+            sv.failures_metric.inc()
+            raise
+
+    def count_failure(self, sv: ServedVersion, started_ns: int) -> None:
+        """Requests refused before reaching the batcher (bad input) still count as failures."""
+        sv.stats.fail.add(time.monotonic_ns() - started_ns)
+        sv.requests_metric.inc()
+        sv.failures_metric.inc()
+
+    async def generate(self, sv: ServedVersion, inputs: Mapping[str, np.ndarray]) -> AsyncIterator[Arrays]:
+        """Decoupled versions: the model's generator runs on a compute thread, responses come back here."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def post(kind: str, value: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+            except RuntimeError:  # loop closed: nobody is listening any more
+                stop.set()
+
+        def produce() -> None:
+            try:
+                for out in sv.runtime.generate(inputs):
+                    if stop.is_set():
+                        return
+                    post("item", out)
+            except BaseException as exc:
+                post("error", exc)
+            else:
+                post("end", None)
+
+        sv.last_used_ms = _now_ms()
+        sv.requests_metric.inc()
+        sv.streams += 1
+        start = time.monotonic_ns()
+        first = True
+        ok = False
+        loop.run_in_executor(self.executor, produce)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if first:
+                    first = False
+                    sv.stats.queue.add(0)
+                if kind == "item":
+                    yield value
+                elif kind == "error":
+                    if isinstance(value, MeshError):
+                        raise value
+                    raise RuntimeError(
+                        f"model '{sv.name}' failed: {type(value).__name__}: {value}"
+                    ) from value
+                else:
+                    ok = True
+                    return
+        finally:
+            stop.set()
+            sv.streams -= 1
+            elapsed = time.monotonic_ns() - start
+            st = sv.stats
+            if ok:
+                st.success.add(elapsed)
+                st.inference_count += 1
+                st.execution_count += 1
+                st.last_inference_ms = _now_ms()
+                st.compute_input.add(0)
+                st.compute_infer.add(elapsed)
+                st.compute_output.add(0)
+            else:
+                st.fail.add(elapsed)
+                sv.failures_metric.inc()
+
+    # -- loading -----------------------------------------------------------------------------------------
+
+    def used_memory(self) -> int:
+        return sum(sv.memory_bytes for sv in self.versions())
+
+    async def load(self, record: common_pb2.ModelVersion) -> ServedVersion:
+        """Verifies the artifact's sha256, loads and warms the version up, evicting LRU versions to fit."""
+        name, version = record.ref.name, int(record.ref.version)
+        if not name or version <= 0:
+            raise InvalidArgument("version.ref: a model name and a version > 0 are required")
+        if self.draining:
+            raise Unavailable("worker is draining")
+        lock = self._load_locks.setdefault((name, version), asyncio.Lock())
+        async with lock:
+            existing = self._models.get(name, {}).get(version)
+            if existing is not None:
+                if existing.record.sha256 == record.sha256:
+                    return existing
+                await self.unload(name, version)
+            loop = asyncio.get_running_loop()
+            try:
+                path = await loop.run_in_executor(
+                    self._load_executor, self.store.verify, record.artifact_uri, record.sha256
+                )
+                if self.device.type == "cuda":
+                    # GPU memory runs out hard: make room for about the artifact's size before loading.
+                    estimate = int(record.size_bytes) or path.stat().st_size
+                    await self._make_room(min(estimate, self.memory_budget), exclude=(name, version))
+                before = self._device_bytes()
+                runtime = await loop.run_in_executor(
+                    self._load_executor, lambda: load_runtime(record, path, self.device, warmup=self.warmup)
+                )
+            except MeshError as exc:
+                self.failures[(name, version)] = exc.message
+                raise
+            memory = max(
+                runtime.memory_bytes, self._device_bytes() - before if self.device.type == "cuda" else 0
+            )
+            if memory > self.memory_budget:
+                runtime.close()
+                msg = f"memory: {name}:{version} needs {memory} bytes, the worker's budget is {self.memory_budget}"
+                self.failures[(name, version)] = msg
+                raise ResourceExhausted(msg)
+            self.failures.pop((name, version), None)
+            sv = self._install(record, runtime, memory)
+            await self._make_room(0, exclude=(name, version))
+            log.info("loaded %s:%s on %s (%d bytes)", name, version, self.device, memory)
+            return sv
+
+    def _install(self, record: common_pb2.ModelVersion, runtime: Runtime, memory: int) -> ServedVersion:
+        name, version = record.ref.name, int(record.ref.version)
+        stats = VersionStats()
+        label = (name, str(version))
+        batcher = DynamicBatcher(
+            runtime.forward,
+            policy_for(record),
+            self.executor,
+            name=f"{name}:{version}",
+            stats=stats,
+            observer=_MetricsObserver(*label),
+        )
+        batcher.start()
+        sv = ServedVersion(
+            record=record,
+            runtime=runtime,
+            batcher=batcher,
+            stats=stats,
+            memory_bytes=memory,
+            loaded_ms=_now_ms(),
+            last_used_ms=_now_ms(),
+            output_types={o.name: o.datatype for o in record.signature.outputs},
+            requests_metric=REQUESTS.labels(*label),
+            failures_metric=FAILURES.labels(*label),
+        )
+        self._models.setdefault(name, {})[version] = sv
+        self._refresh_newest(name)
+        VERSION_MEMORY.labels(*label).set(memory)
+        self._loaded_gauge.set(len(self.versions()))
+        return sv
+
+    def _refresh_newest(self, name: str) -> None:
+        versions = self._models.get(name)
+        if versions:
+            self._newest[name] = versions[max(versions)]
+        else:
+            self._models.pop(name, None)
+            self._newest.pop(name, None)
+
+    def _device_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return _rss_bytes()
+
+    async def _make_room(self, needed: int, exclude: tuple[str, int]) -> None:
+        """Unloads least-recently-used versions until `needed` more bytes fit in the budget."""
+        async with self._budget_lock:
+            while self.used_memory() + needed > self.memory_budget:
+                candidates = [sv for sv in self.versions() if (sv.name, sv.version) != exclude]
+                if not candidates:
+                    if needed > self.memory_budget:
+                        raise ResourceExhausted(
+                            f"memory: {exclude[0]}:{exclude[1]} needs about {needed} bytes, "
+                            f"the worker's budget is {self.memory_budget}"
+                        )
+                    return
+                victim = min(candidates, key=lambda sv: sv.last_used_ms)
+                log.info(
+                    "evicting %s:%s (least recently used) to fit the memory budget",
+                    victim.name,
+                    victim.version,
+                )
+                await self.unload(victim.name, victim.version)
+
+    async def unload(self, name: str, version: int, timeout_s: float = 30.0) -> None:
+        """Stops routing to a version, lets its in-flight requests finish, frees its memory."""
+        versions = self._models.get(name)
+        sv = versions.pop(version, None) if versions else None
+        if sv is None:
+            raise VersionNotFound(name, version)
+        self._refresh_newest(name)
+        self._loaded_gauge.set(len(self.versions()))
+        await sv.batcher.drain(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        # Streams keep no event of their own; a 10 ms poll while unloading costs nothing on the hot path.
+        while sv.streams and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        await sv.batcher.close()
+        sv.runtime.close()
+        try:
+            VERSION_MEMORY.remove(name, str(version))
+        except KeyError:
+            pass
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("unloaded %s:%s", name, version)
+
+    async def unload_model(self, name: str) -> int:
+        """Unloads every version of a model; returns how many."""
+        versions = list(self._models.get(name, {}))
+        for v in versions:
+            await self.unload(name, v)
+        return len(versions)
+
+    # -- drain / stats -----------------------------------------------------------------------------------
+
+    def in_flight(self) -> int:
+        return sum(sv.busy for sv in self.versions())
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuses new requests (UNAVAILABLE) and waits for in-flight ones; False if time ran out."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        # In-flight work spans every batcher and stream: poll (shutdown only, never on the hot path).
+        while self.in_flight() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        return self.in_flight() == 0
+
+    def worker_stats(self, address: str = "") -> worker_pb2.WorkerStats:
+        used = self.used_memory()
+        stats = worker_pb2.WorkerStats(
+            worker_id=self.worker_id,
+            address=address,
+            device=str(self.device),
+            memory_total_bytes=self._total_memory(),
+            memory_used_bytes=used,
+            memory_budget_bytes=self.memory_budget,
+            draining=self.draining,
+        )
+        for sv in self.versions():
+            stats.loaded.add(
+                ref=common_pb2.ModelRef(name=sv.name, version=sv.version),
+                queue_depth=sv.batcher.queue_depth,
+                in_flight=sv.batcher.in_flight + sv.streams,
+                memory_bytes=sv.memory_bytes,
+                last_used_ms=sv.last_used_ms,
+            )
+        return stats
+
+    def _total_memory(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.get_device_properties(self.device).total_memory)
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (OSError, ValueError):
+            return 0
+
+    async def close(self) -> None:
+        for sv in self.versions():
+            try:
+                await self.unload(sv.name, sv.version, timeout_s=1.0)
+            except MeshError:
+                pass
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._load_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def parse_preload(spec: str) -> list[tuple[str, str]]:
+    """ "digits:1,encoder:latest" -> [("digits", "1"), ("encoder", "")]; "latest"/missing = registry default."""
+    out: list[tuple[str, str]] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, _, version = part.partition(":")
+        if not name:
+            raise FailedPrecondition(f"preload: entry {part!r} names no model")
+        version = version.strip()
+        out.append((name.strip(), "" if version in ("", "latest") else version))
+    return out

@@ -1,0 +1,370 @@
+"""KServe v2 GRPCInferenceService of a worker: decode -> ModelManager -> encode."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from mesh import codec
+from mesh.errors import InvalidArgument, MeshError, ModelNotFound, NotFound
+from mesh.v2 import config_pb, pb, pb_grpc
+from mesh_pb import common_pb2
+from workers.batcher import Duration, VersionStats
+from workers.service import ModelManager, ServedVersion
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "maas-worker"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["model_repository", "model_repository(unload_dependents)", "model_configuration", "statistics"]
+
+PLATFORMS = {
+    "torch_export": "pytorch",
+    "pt2": "pytorch",
+    "module_state": "pytorch",
+    "tinylm": "pytorch",
+    "torchscript": "pytorch_libtorch",
+    "onnx": "onnxruntime_onnx",
+}
+BACKENDS = {"onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch", "pytorch": "pytorch"}
+
+FINAL = "triton_final_response"
+EMPTY_FINAL = "triton_enable_empty_final_response"
+_END = object()
+
+
+def _deadline(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None) -> float | None:
+    """Loop-time deadline: the gRPC deadline or the `timeout` request parameter (µs), whichever is first."""
+    remaining = context.time_remaining() if context is not None else None
+    if "timeout" in request.parameters:
+        param = request.parameters["timeout"]
+        which = param.WhichOneof("parameter_choice")
+        if which not in ("int64_param", "uint64_param"):
+            raise InvalidArgument("parameters['timeout']: must be an integer number of microseconds")
+        us = getattr(param, which)
+        if us > 0:
+            remaining = us / 1e6 if remaining is None else min(remaining, us / 1e6)
+    if remaining is None:
+        return None
+    return asyncio.get_running_loop().time() + remaining
+
+
+def _select_outputs(
+    sv: ServedVersion, request: pb.ModelInferRequest, outputs: dict[str, Any]
+) -> list[tuple[str, Any, str | None]]:
+    types = sv.output_types
+    if not request.outputs:
+        return [(name, arr, types.get(name)) for name, arr in outputs.items()]
+    selected = []
+    for i, wanted in enumerate(request.outputs):
+        if wanted.name not in outputs:
+            raise InvalidArgument(
+                f"outputs[{i}].name: unknown output {wanted.name!r}; the model's outputs are "
+                + ", ".join(repr(n) for n in outputs)
+            )
+        selected.append((wanted.name, outputs[wanted.name], types.get(wanted.name)))
+    return selected
+
+
+def _decode(sv: ServedVersion, request: pb.ModelInferRequest) -> dict[str, Any]:
+    sig = sv.record.signature
+    codec.validate_request(request, sig.inputs, sig.max_batch_size)
+    return codec.decode_request(request)
+
+
+def _response(sv: ServedVersion, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    return pb.ModelInferResponse(model_name=sv.name, model_version=sv.version_str, id=request.id)
+
+
+def _duration(msg: Any, d: Duration) -> None:
+    msg.count = d.count
+    msg.ns = d.ns
+
+
+def statistics_proto(sv: ServedVersion) -> pb.ModelStatistics:
+    st: VersionStats = sv.stats
+    out = pb.ModelStatistics(
+        name=sv.name,
+        version=sv.version_str,
+        last_inference=st.last_inference_ms,
+        inference_count=st.inference_count,
+        execution_count=st.execution_count,
+    )
+    inf = out.inference_stats
+    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        _duration(getattr(inf, field), getattr(st, field))
+    for size in sorted(st.batches):
+        bs = st.batches[size]
+        b = out.batch_stats.add(batch_size=size)
+        _duration(b.compute_input, bs.compute_input)
+        _duration(b.compute_infer, bs.compute_infer)
+        _duration(b.compute_output, bs.compute_output)
+    device = sv.runtime.device
+    out.memory_usage.add(
+        type="GPU" if device.type == "cuda" else "CPU", id=device.index or 0, byte_size=sv.memory_bytes
+    )
+    return out
+
+
+def _data_type(datatype: str) -> int:
+    name = "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+    try:
+        return int(config_pb.DataType.Value(name))
+    except ValueError:
+        return int(config_pb.DataType.TYPE_INVALID)
+
+
+def _dims(spec: common_pb2.TensorSpec, batching: bool) -> list[int]:
+    dims = list(spec.shape)
+    return dims[1:] if batching and dims else dims
+
+
+def config_proto(sv: ServedVersion, all_versions: list[int]) -> config_pb.ModelConfig:
+    rec = sv.record
+    sig = rec.signature
+    platform = PLATFORMS.get(rec.format.lower(), "pytorch")
+    batching = sig.max_batch_size > 0
+    cfg = config_pb.ModelConfig(
+        name=sv.name,
+        platform=platform,
+        backend=BACKENDS.get(platform, "pytorch"),
+        max_batch_size=max(0, sig.max_batch_size),
+    )
+    cfg.version_policy.specific.versions.extend(all_versions)
+    for spec in sig.inputs:
+        cfg.input.add(
+            name=spec.name,
+            data_type=_data_type(spec.datatype),
+            dims=_dims(spec, batching),
+            optional=spec.optional,
+        )
+    for spec in sig.outputs:
+        cfg.output.add(name=spec.name, data_type=_data_type(spec.datatype), dims=_dims(spec, batching))
+    b = rec.batching
+    if b.enabled and batching and not sig.decoupled:
+        db = cfg.dynamic_batching
+        db.preferred_batch_size.extend(b.preferred_batch_sizes)
+        db.max_queue_delay_microseconds = b.max_queue_delay_us
+        db.default_queue_policy.max_queue_size = b.max_queue_size
+        db.default_queue_policy.allow_timeout_override = True
+    cfg.model_transaction_policy.decoupled = sig.decoupled
+    device = sv.runtime.device
+    group = cfg.instance_group.add(name=f"{sv.name}_0", count=1)
+    if device.type == "cuda":
+        group.kind = config_pb.ModelInstanceGroup.KIND_GPU
+        group.gpus.append(device.index or 0)
+    else:
+        group.kind = config_pb.ModelInstanceGroup.KIND_CPU
+    cfg.parameters["format"].string_value = rec.format
+    cfg.parameters["dtype"].string_value = rec.dtype or "fp32"
+    return cfg
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The v2 protocol over a ModelManager; RPCs not overridden here answer UNIMPLEMENTED."""
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        *,
+        load_model: Callable[[str], Any] | None = None,
+    ) -> None:
+        self.manager = manager
+        self._load_model = load_model
+
+    # -- health / metadata -------------------------------------------------------------------------------
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=not self.manager.draining)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        try:
+            self.manager.resolve(request.name, request.version)
+        except MeshError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        sv = self.manager.get(request.name, request.version)
+        sig = sv.record.signature
+        out = pb.ModelMetadataResponse(
+            name=sv.name,
+            versions=[v.version_str for v in self.manager.model_versions(sv.name)],
+            platform=PLATFORMS.get(sv.record.format.lower(), "pytorch"),
+        )
+        for spec in sig.inputs:
+            out.inputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+        for spec in sig.outputs:
+            out.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+        return out
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        sv = self.manager.get(request.name, request.version)
+        versions = [v.version for v in self.manager.model_versions(sv.name)]
+        return pb.ModelConfigResponse(config=config_proto(sv, versions))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            if request.version:
+                selected = [self.manager.get(request.name, request.version)]
+            else:
+                selected = self.manager.model_versions(request.name)
+                if not selected:
+                    raise ModelNotFound(request.name)
+        else:
+            selected = sorted(self.manager.versions(), key=lambda sv: (sv.name, sv.version))
+        return pb.ModelStatisticsResponse(model_stats=[statistics_proto(sv) for sv in selected])
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        out = pb.RepositoryIndexResponse()
+        for sv in sorted(self.manager.versions(), key=lambda sv: (sv.name, sv.version)):
+            out.models.add(name=sv.name, version=sv.version_str, state="READY")
+        if not request.ready:
+            for (name, version), reason in sorted(self.manager.failures.items()):
+                out.models.add(name=name, version=str(version), state="UNAVAILABLE", reason=reason)
+        return out
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        for key in request.parameters:
+            raise InvalidArgument(
+                f"parameters[{key!r}]: unrecognized load parameter (config overrides are not served)"
+            )
+        if self._load_model is None:
+            raise NotFound(f"model_name: this worker has no registry to load {request.model_name!r} from")
+        await self._load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        for key, value in request.parameters.items():
+            if key != "unload_dependents" or value.WhichOneof("parameter_choice") != "bool_param":
+                raise InvalidArgument(f"parameters[{key!r}]: unrecognized unload parameter")
+        if not await self.manager.unload_model(request.model_name):
+            raise ModelNotFound(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- inference ---------------------------------------------------------------------------------------
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        manager = self.manager
+        sv = manager.resolve(request.model_name, request.model_version)
+        try:
+            inputs = _decode(sv, request)
+            deadline = _deadline(request, context)
+        except MeshError:
+            manager.count_failure(sv, time.monotonic_ns())
+            raise
+        outputs = await manager.infer(sv, inputs, deadline)
+        return codec.encode_response(_response(sv, request), _select_outputs(sv, request, outputs))
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests run concurrently; responses leave as they are ready; the stream ends after the client
+        half-closes and every request it sent has answered."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(self._stream_one(request, queue.put_nowait))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the transport broke: end the stream with that error
+                queue.put_nowait(exc)
+                return
+            queue.put_nowait(_END)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _stream_one(
+        self, request: pb.ModelInferRequest, send: Callable[[pb.ModelStreamInferResponse], None]
+    ) -> None:
+        sv: ServedVersion | None = None
+        try:
+            sv = self.manager.resolve(request.model_name, request.model_version)
+            empty_final = False
+            if EMPTY_FINAL in request.parameters:
+                empty_final = request.parameters[EMPTY_FINAL].bool_param
+            try:
+                inputs = _decode(sv, request)
+                deadline = _deadline(request, None)
+            except MeshError:
+                self.manager.count_failure(sv, time.monotonic_ns())
+                raise
+            if not sv.decoupled:
+                outputs = await self.manager.infer(sv, inputs, deadline)
+                resp = codec.encode_response(_response(sv, request), _select_outputs(sv, request, outputs))
+                resp.parameters[FINAL].bool_param = True
+                send(pb.ModelStreamInferResponse(infer_response=resp))
+                return
+            held: pb.ModelInferResponse | None = None
+            async for outputs in self.manager.generate(sv, inputs):
+                resp = codec.encode_response(_response(sv, request), _select_outputs(sv, request, outputs))
+                if empty_final:
+                    resp.parameters[FINAL].bool_param = False
+                    send(pb.ModelStreamInferResponse(infer_response=resp))
+                    continue
+                # Hold one response back so the last data response can carry the final flag.
+                if held is not None:
+                    held.parameters[FINAL].bool_param = False
+                    send(pb.ModelStreamInferResponse(infer_response=held))
+                held = resp
+            if held is not None:
+                held.parameters[FINAL].bool_param = True
+                send(pb.ModelStreamInferResponse(infer_response=held))
+            else:
+                final = _response(sv, request)
+                final.parameters[FINAL].bool_param = True
+                send(pb.ModelStreamInferResponse(infer_response=final))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, MeshError):
+                message = exc.message
+            else:
+                log.error("stream request %r failed", request.id, exc_info=exc)
+                message = f"internal error: {type(exc).__name__}: {exc}"
+            err = pb.ModelInferResponse(id=request.id, model_name=request.model_name)
+            if sv is not None:
+                err.model_version = sv.version_str
+            send(pb.ModelStreamInferResponse(error_message=message, infer_response=err))
