@@ -378,6 +378,8 @@ def validate_request(
         if max_batch_size > 0:
             if not dims:
                 raise InvalidArgument(f"{field}.shape: a batching model needs a batch dimension")
+            if dims[0] < 1:
+                raise InvalidArgument(f"{field}.shape: batch size must be at least 1, got {dims[0]}")
             if dims[0] > max_batch_size:
                 raise InvalidArgument(
                     f"{field}.shape: batch size {dims[0]} exceeds the model's max_batch_size {max_batch_size}"
@@ -416,6 +418,35 @@ def validate_request(
     missing = [s.name for s in inputs if not s.optional and s.name not in present]
     if missing:
         raise InvalidArgument(f"inputs: missing required input(s) {', '.join(repr(n) for n in missing)}")
+    if request.parameters:
+        check_parameters(request.parameters)
+
+
+# Request parameters with a fixed meaning in the v2/Triton protocol, and the kinds each may carry.
+_RESERVED_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "priority": ("int64_param", "uint64_param"),
+    "timeout": ("int64_param",),
+    "sequence_id": ("int64_param", "string_param"),
+    "sequence_start": ("bool_param",),
+    "sequence_end": ("bool_param",),
+    "triton_enable_empty_final_response": ("bool_param",),
+}
+
+
+def check_parameters(parameters: Mapping[str, pb.InferParameter]) -> None:
+    """Refuses unknown ``triton_*`` keys and reserved keys of the wrong kind or sign."""
+    for key, param in parameters.items():
+        field = f"parameters[{key!r}]"
+        kind = param.WhichOneof("parameter_choice")
+        allowed = _RESERVED_PARAMETERS.get(key)
+        if allowed is None:
+            if key.startswith("triton_"):
+                raise InvalidArgument(f"{field}: parameter keys starting with 'triton_' are reserved")
+            continue
+        if kind not in allowed:
+            raise InvalidArgument(f"{field}: must be {' or '.join(allowed)}, got {kind or 'no value'}")
+        if kind == "int64_param" and key in ("priority", "timeout") and param.int64_param < 0:
+            raise InvalidArgument(f"{field}: must be >= 0, got {param.int64_param}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ def _common(name: str) -> AliasChoices:
 class MeshSettings(BaseSettings):
     """Fields every service reads. Service settings subclass this with their own env_prefix."""
 
-    model_config = SettingsConfigDict(env_prefix="MAAS_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="MAAS_", extra="ignore", populate_by_name=True, use_attribute_docstrings=True
+    )
 
     redis_url: str | None = Field(default=None, validation_alias=_common("redis_url"))
     """Registry server URL (redis://, rediss://, unix://). Unset: a private embedded server under var/."""

@@ -49,7 +49,7 @@ class WorkerSettings(MeshSettings):
     """Threads that verify and load artifacts, apart from compute so loading never stalls traffic."""
 
     torch_threads: int = 0
-    """torch intra-op threads; 0 = torch's default."""
+    """torch intra-op threads; 0 = auto: half the CPUs on a CPU device (the rest serve gRPC), torch's default on CUDA."""
 
     warmup: bool = True
     """Run each version once on dummy inputs while loading."""

@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # Sub-commands live in their own modules and import service packages only when run.
-_SUBAPPS = {"models": "mesh.cli.models", "keys": "mesh.cli.keys", "demo": "mesh.cli.demo"}
+_SUBAPPS = {"models": "mesh.cli.models", "keys": "mesh.cli.keys", "config": "mesh.cli.config", "demo": "mesh.cli.demo"}
 _REGISTRARS = ("mesh.cli.compress", "mesh.cli.infer", "mesh.cli.bench")
 
 for _name, _module in _SUBAPPS.items():
