@@ -296,6 +296,7 @@ class Registry:
             lineage=req.lineage,
             created_ms=_now_ms(),
             reason=req.reason,
+            size_bytes=req.size_bytes,
             min_replicas=req.min_replicas or 1,
             max_replicas=req.max_replicas,
             labels=req.labels,

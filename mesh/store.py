@@ -13,6 +13,8 @@ from pathlib import Path
 from mesh.errors import IntegrityError, InvalidArgument, NotFound
 
 SCHEME = "store://"
+# Readable by other services' users on a shared volume (mkstemp creates files 0600).
+_FILE_MODE = 0o644
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -82,6 +84,7 @@ class ArtifactStore:
         os.close(fd)
         try:
             shutil.copyfile(src, tmp)
+            os.chmod(tmp, _FILE_MODE)
             os.replace(tmp, dest)
         finally:
             if os.path.exists(tmp):
@@ -95,5 +98,6 @@ class ArtifactStore:
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".incoming-")
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, dest)
         return Artifact(uri=uri, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
