@@ -46,6 +46,8 @@ class StackConfig:
     demo: bool = True
     demo_models: tuple[str, ...] = ()
     """Demo models to build; empty = all of them."""
+    digits_epochs: int = 30
+    """Training epochs of the digits demo model (fewer: faster private stacks for tests)."""
     gateway_bind: str = "127.0.0.1:8001"
     metrics_port: int = 8002
     host: str = "127.0.0.1"
@@ -164,11 +166,15 @@ def wait_healthy(address: str, timeout_s: float, alive: Callable[[], bool] = lam
             time.sleep(0.1)
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 @contextlib.contextmanager
-def _sigint_blocked() -> Iterator[None]:
-    # Children inherit the signal mask: a Redis started with SIGINT blocked ignores the terminal's
-    # Ctrl-C and stays up until the stack stops it last (with SIGTERM).
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+def _stop_signals_blocked() -> Iterator[None]:
+    # Children inherit the signal mask. Redis shares mesh.up's process group (EmbeddedRedis starts it),
+    # so a Ctrl-C or a SIGTERM sent to the whole group would stop it before the services that still
+    # write to it; started with those signals blocked, it stays up until the stack SHUTDOWNs it last.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         yield
     finally:
@@ -278,7 +284,7 @@ class Stack:
         from mesh.redis_embed import EmbeddedRedis
 
         es = EmbeddedRedis(self.config.var_dir / "redis", persist=True)
-        with _sigint_blocked():
+        with _stop_signals_blocked():
             self.redis_url = es.start()
         self._redis = es
         self.info(f"embedded redis at {self.redis_url} (appendonly, data in {es.data_dir})")
@@ -302,7 +308,13 @@ class Stack:
         async def run(progress: Callable[[str], None]) -> None:
             registry = await Registry.connect(self.redis_url, cfg.key_prefix)
             try:
-                await build_demo(registry, ArtifactStore(cfg.store), names=names, progress=progress)
+                await build_demo(
+                    registry,
+                    ArtifactStore(cfg.store),
+                    names=names,
+                    progress=progress,
+                    digits_epochs=cfg.digits_epochs,
+                )
             finally:
                 await registry.close()
 
@@ -329,7 +341,7 @@ class Stack:
             env = {
                 "MAAS_WORKER_BIND": bind,
                 "MAAS_WORKER_WORKER_ID": f"worker-{i}",
-                "MAAS_WORKER_METRICS_PORT": "0" if cfg.ephemeral else "-1",
+                "MAAS_WORKER_METRICS_PORT": "0",
             }
             spawned.append((self._spawn(f"worker-{i}", "workers", self._env("worker", env)), bind))
         addresses = [self._await_child(child, bind) for child, bind in spawned]
@@ -353,7 +365,7 @@ class Stack:
         cfg = self.config
         assert self.router is not None
         bind = f"{cfg.host}:{cfg.port('compressor', cfg.compressor_port)}"
-        env = {"MAAS_COMPRESSOR_BIND": bind, "MAAS_COMPRESSOR_ROUTER_ADDRESS": self.router.address}
+        env = {"MAAS_COMPRESSOR_BIND": bind}
         self.compressor = self._spawn("compressor", "compressor", self._env("compressor", env))
         return self._await_child(self.compressor, bind)
 
@@ -373,6 +385,7 @@ class Stack:
                 self.start_compressor()
             if cfg.demo:
                 self.wait_models_ready()
+            self.write_endpoints()
         except BaseException:
             self.stop()
             raise
@@ -427,11 +440,41 @@ class Stack:
                 child.terminate()
             for child in group:
                 child.wait(grace_s)
+        (self.config.var_dir / "up.json").unlink(missing_ok=True)
         if self._redis is not None:
-            stop = getattr(self._redis, "stop", None)
-            if stop is not None:
-                stop()
+            self._stop_redis()
             self._redis = None
+
+    def _stop_redis(self) -> None:
+        """SHUTDOWN (flushes the append-only file), then reap; the blocked signals cannot stop it."""
+        import redis
+
+        from mesh.redis_embed import EmbeddedRedis
+
+        es = self._redis
+        assert isinstance(es, EmbeddedRedis)
+        if es.proc is not None and es.proc.poll() is None:
+            try:
+                client = redis.Redis.from_url(self.redis_url, socket_timeout=10)
+                client.shutdown()
+            except redis.RedisError as exc:
+                self.info(f"redis SHUTDOWN failed ({exc}); killing it")
+                es.proc.kill()
+            try:
+                es.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                es.proc.kill()
+        es.stop()
+
+    def write_endpoints(self) -> Path:
+        """Writes <var_dir>/up.json (service -> address) once the stack is ready; removed on stop."""
+        import json
+
+        path = self.config.var_dir / "up.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.endpoints(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
 
     def endpoints(self) -> dict[str, str]:
         out = {"redis": self.redis_url}
@@ -467,8 +510,9 @@ def _summary(stack: Stack) -> None:
 import tritonclient.grpc as grpcclient
 
 client = grpcclient.InferenceServerClient("{url}")
+data = np.random.randint(0, 17, (1, 64)).astype(np.float32)
 pixels = grpcclient.InferInput("pixels", [1, 64], "FP32")
-pixels.set_data_from_numpy(np.random.randint(0, 17, (1, 64)).astype(np.float32))
+pixels.set_data_from_numpy(data)
 result = client.infer("digits", [pixels])
 print(result.as_numpy("logits").argmax(axis=1))"""
     stack.console.print(Panel(Syntax(snippet, "python", theme="ansi_dark"), title="tritonclient"))
@@ -488,6 +532,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default="127.0.0.1:8001",
         help="gateway public address; a non-loopback host requires API keys",
     )
+    parser.add_argument(
+        "--digits-epochs", type=int, default=30, help="training epochs of the digits demo model"
+    )
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument(
         "--ephemeral-ports",
@@ -506,6 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         demo=not args.no_demo,
         demo_models=tuple(m for m in args.demo_models.split(",") if m),
+        digits_epochs=args.digits_epochs,
         gateway_bind=args.bind,
         metrics_port=args.metrics_port,
         ephemeral=args.ephemeral_ports,
@@ -528,8 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Interrupts a startup wait; Stack.start stops whatever already runs.
             raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, on_signal)
     try:
         stack.start()
     except StackError as exc:

@@ -1,0 +1,1 @@
+"""Benchmark tools behind `maas bench`: closed-loop load, a bare echo baseline, a private stack."""

@@ -1,0 +1,503 @@
+"""`maas bench`: closed-loop load (tritonclient aio) against the gateway, a worker, a bare echo; reports."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from mesh.benchtools.load import LoadResult
+    from mesh.benchtools.report import Report
+
+app = typer.Typer(
+    help="Closed-loop benchmarks: direct to a worker, through the gateway, a bare echo, dynamic batching.",
+    no_args_is_help=True,
+)
+
+ConcurrencyOpt = Annotated[
+    str, typer.Option("--concurrency", "-c", help="Comma-separated concurrency sweep.")
+]
+DurationOpt = Annotated[float, typer.Option("--duration", help="Measured seconds per point.")]
+WarmupOpt = Annotated[float, typer.Option("--warmup", help="Unmeasured seconds before each point.")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Write the run into this markdown file.")]
+TokenOpt = Annotated[
+    str | None, typer.Option("--token", envvar="MAAS_TOKEN", help="API key for the gateway.")
+]
+
+
+def register(root: typer.Typer) -> None:
+    """Adds `maas bench ...` to the root app."""
+    root.add_typer(app, name="bench")
+
+
+def _concurrencies(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--concurrency: {text!r} is not a list of integers") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter("--concurrency: give positive integers, e.g. 1,4,16")
+    return values
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _point_printer(console: Console, label: str) -> Callable[[LoadResult], None]:
+    def show(r: LoadResult) -> None:
+        errors = f", [red]{r.errors} errors[/red] ({r.first_error[:80]})" if r.errors else ""
+        console.print(
+            f"  {label:<26} c={r.concurrency:<4} {r.rps:>8,.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
+            f"p99 {r.p99_ms:7.2f} ms{errors}"
+        )
+
+    return show
+
+
+def _sweep(
+    url: str,
+    workload_name: str,
+    concurrencies: list[int],
+    duration: float,
+    warmup: float,
+    *,
+    model: str = "",
+    version: str = "",
+    token: str | None = None,
+    label: str = "",
+    console: Console | None = None,
+) -> list[LoadResult]:
+    from mesh.benchtools.targets import WORKLOADS, sweep
+
+    printer = _point_printer(console, label or f"{workload_name} @ {url}") if console is not None else None
+    return asyncio.run(
+        sweep(
+            url,
+            WORKLOADS[workload_name],
+            concurrencies,
+            model=model,
+            version=version,
+            duration_s=duration,
+            warmup_s=warmup,
+            token=token,
+            on_point=printer,
+        )
+    )
+
+
+def _uvloop() -> None:
+    from mesh.server import install_uvloop
+
+    install_uvloop()
+
+
+def _finish(report: Report, out: Path | None, console: Console) -> None:
+    console.print(report.markdown(), markup=False, soft_wrap=True)
+    if out is not None:
+        report.write(out)
+        console.print(f"[green]written to {out}[/green]")
+
+
+def _command_line() -> str:
+    args = " ".join(sys.argv[1:])
+    if sys.argv[0].endswith("__main__.py"):
+        return f"python -m mesh.cli {args}"
+    return f"maas {args}"
+
+
+@app.command()
+def echo(
+    concurrency: ConcurrencyOpt = "1,16",
+    duration: DurationOpt = 3.0,
+    warmup: WarmupOpt = 0.5,
+    out: OutOpt = None,
+) -> None:
+    """The floor: a bare grpc.aio v2 server (no interceptors, no model) that echoes its input."""
+    from mesh.benchtools import procs
+    from mesh.benchtools.report import Report
+
+    _uvloop()
+    console = _console()
+    report = Report(command=_command_line())
+    with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp:
+        sink = procs.FileSink(Path(tmp) / "echo.log")
+        child = procs.start_echo(sink)
+        try:
+            for r in _sweep(
+                child.address, "echo", _concurrencies(concurrency), duration, warmup, console=console
+            ):
+                report.add("echo", "bare grpc.aio echo", "echo", r)
+        finally:
+            procs.stop(child)
+            sink.close()
+    _finish(report, out, console)
+
+
+@app.command()
+def direct(
+    url: Annotated[str, typer.Option("--url", help="host:port of a worker (its v2 server).")],
+    model: Annotated[str, typer.Option("--model", help="digits or encoder.")] = "digits",
+    version: Annotated[str, typer.Option("--version", help="Version to call; empty = newest loaded.")] = "",
+    concurrency: ConcurrencyOpt = "1,4,16",
+    duration: DurationOpt = 3.0,
+    warmup: WarmupOpt = 0.5,
+    out: OutOpt = None,
+) -> None:
+    """Straight to one worker, bypassing the gateway."""
+    from mesh.benchtools.report import Report
+
+    _uvloop()
+    console = _console()
+    report = Report(command=_command_line())
+    for r in _sweep(
+        url, model, _concurrencies(concurrency), duration, warmup, version=version, console=console
+    ):
+        report.add("direct", f"worker {url}", model, r)
+    _finish(report, out, console)
+
+
+@app.command()
+def gateway(
+    url: Annotated[str, typer.Option("--url", help="host:port of the gateway.")] = "127.0.0.1:8001",
+    model: Annotated[str, typer.Option("--model", help="digits or encoder.")] = "digits",
+    version: Annotated[
+        str, typer.Option("--version", help="Version or alias; empty = the model's default.")
+    ] = "",
+    concurrency: ConcurrencyOpt = "1,4,16",
+    duration: DurationOpt = 3.0,
+    warmup: WarmupOpt = 0.5,
+    token: TokenOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """Through the mesh: client → gateway → worker."""
+    from mesh.benchtools.report import Report
+
+    _uvloop()
+    console = _console()
+    report = Report(command=_command_line())
+    for r in _sweep(
+        url,
+        model,
+        _concurrencies(concurrency),
+        duration,
+        warmup,
+        version=version,
+        token=token,
+        console=console,
+    ):
+        report.add("gateway", f"gateway {url}", model, r)
+    _finish(report, out, console)
+
+
+def run_batching(
+    report: Report, console: Console, concurrency: int, duration: float, warmup: float, workdir: Path
+) -> None:
+    """encoder small at `concurrency` on a standalone worker: version 1 batches, version 2 does not."""
+    from mesh.benchtools import procs
+    from mesh.benchtools.batching import BATCHING_OFF, BATCHING_ON, build_encoder_versions, load_versions_sync
+
+    store = workdir / "bench-store"
+    console.print("batching: exporting encoder small (random weights)…")
+    on, off = build_encoder_versions(store)
+    sink = procs.FileSink(workdir / "batching-worker.log")
+    child = procs.start_standalone_worker(sink, store)
+    try:
+        load_versions_sync(child.address, [on, off])
+        for number, label in ((BATCHING_ON, "dynamic batching on"), (BATCHING_OFF, "dynamic batching off")):
+            (r,) = _sweep(
+                child.address,
+                "encoder",
+                [concurrency],
+                duration,
+                warmup,
+                version=str(number),
+                label=f"encoder small, {label}",
+                console=console,
+            )
+            delay = f", max delay {on.batching.max_queue_delay_us} µs" if number == BATCHING_ON else ""
+            report.add(
+                "batching", "worker (standalone)", "encoder small", r, note=f"{label}{delay}, max batch 64"
+            )
+    finally:
+        procs.stop(child)
+        sink.close()
+
+
+@app.command()
+def batching(
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c")] = 32,
+    duration: DurationOpt = 6.0,
+    warmup: WarmupOpt = 3.0,
+    out: OutOpt = None,
+) -> None:
+    """encoder small at concurrency 32 on one worker, dynamic batching on vs off."""
+    from mesh.benchtools.report import Report
+
+    _uvloop()
+    console = _console()
+    report = Report(command=_command_line())
+    with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp:
+        run_batching(report, console, concurrency, duration, warmup, Path(tmp))
+    add_verdicts(report)
+    _finish(report, out, console)
+
+
+def add_verdicts(report: Report) -> None:
+    """The issue's targets, judged on the rows of this run."""
+    from mesh.benchtools.report import Verdict
+
+    echo1 = report.find("echo", 1)
+    direct1 = report.find("direct", 1)
+    gateway1 = report.find("gateway", 1)
+    direct16 = report.find("direct", 16)
+    gateway16 = report.find("gateway", 16)
+    if direct1 is not None and gateway1 is not None:
+        added = gateway1.p50_ms - direct1.p50_ms
+        report.verdicts.append(
+            Verdict(
+                "gateway hop, digits c=1",
+                "≤ 0.5 ms added to p50 vs direct",
+                f"+{added:.2f} ms ({gateway1.p50_ms:.2f} vs {direct1.p50_ms:.2f})",
+                added <= 0.5,
+            )
+        )
+    if direct16 is not None and gateway16 is not None and direct16.rps > 0:
+        ratio = gateway16.rps / direct16.rps
+        report.verdicts.append(
+            Verdict(
+                "mesh throughput, digits c=16",
+                "≥ 80% of direct",
+                f"{ratio:.0%} ({gateway16.rps:,.0f} vs {direct16.rps:,.0f} req/s)",
+                ratio >= 0.8,
+            )
+        )
+    if echo1 is not None and direct1 is not None:
+        gap = direct1.p50_ms - echo1.p50_ms
+        report.verdicts.append(
+            Verdict(
+                "worker vs bare echo, digits c=1",
+                "p50 within 0.3 ms of echo",
+                f"+{gap:.2f} ms ({direct1.p50_ms:.2f} vs {echo1.p50_ms:.2f})",
+                gap <= 0.3,
+            )
+        )
+    batch = [row.result for row in report.rows if row.scenario == "batching"]
+    if len(batch) == 2 and (batch[0].requests == 0 or batch[1].requests == 0):
+        report.verdicts.append(
+            Verdict(
+                f"dynamic batching, encoder small c={batch[0].concurrency}",
+                "≥ 3× batching off",
+                "no request completed inside the measured window (raise --duration/--warmup)",
+                None,
+            )
+        )
+    elif len(batch) == 2:
+        ratio = batch[0].rps / batch[1].rps
+        report.verdicts.append(
+            Verdict(
+                f"dynamic batching, encoder small c={batch[0].concurrency}",
+                "≥ 3× batching off",
+                f"{ratio:.1f}× ({batch[0].rps:,.0f} vs {batch[1].rps:,.0f} req/s)",
+                ratio >= 3.0,
+            )
+        )
+
+
+def run_perf_analyzer(report: Report, console: Console, targets: list[tuple[str, str]], binary: Path) -> None:
+    """perf_analyzer on digits at c=1 and c=16 for each (label, url)."""
+    from mesh.benchtools.perf import run_perf_analyzer as run_pa
+
+    for label, url in targets:
+        console.print(f"perf_analyzer: {label} ({url})…")
+        try:
+            rows, command = run_pa(url, "digits", "pixels:64", "1:16:15", binary=binary)
+        except Exception as exc:
+            report.notes.append(f"perf_analyzer against {label} failed: {exc}")
+            console.print(f"  [yellow]{exc}[/yellow]")
+            continue
+        report.perf_commands.append(command.replace(url, f"<{label}>"))
+        for row in sorted(rows, key=lambda r: r.concurrency):
+            report.perf_rows.append((label, "digits", row.concurrency, row.rps, row.p50_ms, row.p99_ms))
+            console.print(
+                f"  c={row.concurrency:<3} {row.rps:>8,.0f} req/s  p50 {row.p50_ms:.2f} ms  p99 {row.p99_ms:.2f} ms"
+            )
+
+
+def run_compressor_bench(report: Report, console: Console, timeout_s: float = 600.0) -> None:
+    """Adds `python -m compressor.bench`'s markdown output when the compressor ships one."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("compressor.bench") is None:
+        report.notes.append("compressor figures: `python -m compressor.bench` is not available in this tree")
+        return
+    console.print("compressor: python -m compressor.bench …")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "compressor.bench"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        report.notes.append(f"compressor figures: `python -m compressor.bench` ran over {timeout_s:.0f} s")
+        return
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        report.notes.append(
+            f"compressor figures: `python -m compressor.bench` failed (rc {proc.returncode}): {tail}"
+        )
+        return
+    report.extra_sections.append("### Compressor (`python -m compressor.bench`)\n\n" + proc.stdout.strip())
+
+
+@app.command("all")
+def all_(
+    out: Annotated[Path, typer.Option("--out", help="Markdown file the run is written into.")] = Path(
+        "docs/benchmarks.md"
+    ),
+    url: Annotated[
+        str | None, typer.Option("--url", help="Benchmark this running gateway instead of a private stack.")
+    ] = None,
+    direct_url: Annotated[
+        str | None,
+        typer.Option("--direct-url", help="With --url: a worker of that stack for the direct rows."),
+    ] = None,
+    concurrency: ConcurrencyOpt = "1,4,16",
+    duration: DurationOpt = 3.0,
+    warmup: WarmupOpt = 0.5,
+    batching_concurrency: Annotated[int, typer.Option("--batching-concurrency")] = 32,
+    perf: Annotated[
+        bool, typer.Option("--perf/--no-perf", help="Add perf_analyzer rows when .tools has it.")
+    ] = True,
+    compressor: Annotated[
+        bool, typer.Option("--compressor/--no-compressor", help="Include python -m compressor.bench.")
+    ] = True,
+    token: TokenOpt = None,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the private stack's directory and logs.")
+    ] = False,
+) -> None:
+    """Every scenario on a private stack (free ports, own Redis and store); writes docs/benchmarks.md."""
+    from mesh.benchtools import perf as perf_mod
+    from mesh.benchtools import procs
+    from mesh.benchtools.report import Report
+    from mesh.up import Stack, StackConfig
+
+    _uvloop()
+    console = _console()
+    sweep_c = _concurrencies(concurrency)
+    report = Report(command=_command_line())
+    # Short path: the embedded Redis listens on a unix socket under it (~107 bytes at most).
+    workdir = Path(tempfile.mkdtemp(prefix="maas-bench-", dir="/tmp" if Path("/tmp").is_dir() else None))
+    sink = procs.FileSink(workdir / "stack.log")
+    stack: Stack | None = None
+    echo_child = None
+    started = time.monotonic()
+    try:
+        if url is None:
+            console.print(f"starting a private stack in {workdir} (logs: {sink.path})…")
+            stack = Stack(
+                StackConfig(
+                    workers=1,
+                    demo=True,
+                    demo_models=("digits",),
+                    # Accuracy is not what is measured here; fewer epochs start the stack sooner.
+                    digits_epochs=10,
+                    ephemeral=True,
+                    compressor=False,
+                    var_dir=workdir / "var",
+                    key_prefix="bench",
+                ),
+                console=console,
+                sink=sink,
+            )
+            stack.start()
+            gateway_url = stack.gateway.address if stack.gateway else ""
+            worker_url: str | None = stack.workers[0].address
+            console.print(
+                f"stack up in {time.monotonic() - started:.0f} s: gateway {gateway_url}, worker {worker_url}"
+            )
+        else:
+            gateway_url, worker_url = url, direct_url
+        echo_child = procs.start_echo(sink)
+        for c in sweep_c:
+            if c in (1, max(sweep_c)):
+                (r,) = _sweep(
+                    echo_child.address,
+                    "echo",
+                    [c],
+                    duration,
+                    warmup,
+                    label="echo (bare grpc.aio)",
+                    console=console,
+                )
+                report.add("echo", "bare grpc.aio echo", "echo", r)
+            if worker_url:
+                (r,) = _sweep(
+                    worker_url, "digits", [c], duration, warmup, label="digits direct", console=console
+                )
+                report.add("direct", "worker", "digits", r)
+            (r,) = _sweep(
+                gateway_url,
+                "digits",
+                [c],
+                duration,
+                warmup,
+                token=token,
+                label="digits gateway",
+                console=console,
+            )
+            report.add("gateway", "gateway → worker", "digits", r)
+        procs.stop(echo_child)
+        echo_child = None
+        run_batching(report, console, batching_concurrency, max(duration, 6.0), max(warmup, 3.0), workdir)
+        binary = perf_mod.DEFAULT_BINARY
+        if perf and perf_mod.available(binary):
+            targets = [("worker", worker_url)] if worker_url else []
+            targets.append(("gateway", gateway_url))
+            run_perf_analyzer(report, console, [(k, v) for k, v in targets if v], binary)
+        elif perf:
+            report.notes.append("perf_analyzer rows skipped: run `make tools` to fetch .tools/perf_analyzer")
+        if stack is not None:
+            stack.stop()
+            stack = None
+        if compressor:
+            run_compressor_bench(report, console)
+        add_verdicts(report)
+        import torch
+
+        if not torch.cuda.is_available():
+            report.notes.append(
+                "encoder base bf16 at c=128 vs in-process batch 128 (GPU target of the worker issue): not measured, "
+                "no GPU on this machine"
+            )
+        report.notes.append(
+            f"each closed-loop point: {warmup:g} s warm-up, {duration:g} s measured (batching: "
+            f"{max(warmup, 3.0):g} s + {max(duration, 6.0):g} s); client = one tritonclient.grpc.aio client on uvloop "
+            "in the benchmark process"
+        )
+        report.notes.append(f"whole run: {time.monotonic() - started:.0f} s")
+    finally:
+        if echo_child is not None:
+            procs.stop(echo_child)
+        if stack is not None:
+            stack.stop()
+        sink.close()
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    _finish(report, out, console)

@@ -1,0 +1,180 @@
+"""`python -m mesh.up` end to end (private ports, Redis and var dir), and the containers' health probe."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is gone for our purposes.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _pids(var: Path) -> dict[str, int]:
+    path = var / "up.pids"
+    if not path.exists():
+        return {}
+    return {
+        name: int(pid)
+        for name, pid in (line.split() for line in path.read_text().splitlines() if line.strip())
+    }
+
+
+@pytest.fixture
+def var_dir() -> Iterator[Path]:
+    # Short: the embedded Redis puts its unix socket under it.
+    path = Path(tempfile.mkdtemp(prefix="maas-up-"))
+    try:
+        yield path
+    finally:
+        for pid in _pids(path).values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_up_serves_digits_and_stops_on_sigint(var_dir: Path) -> None:
+    import torch
+    import tritonclient.grpc as grpcclient
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mesh.up",
+            "--workers",
+            "1",
+            "--ephemeral-ports",
+            "--var-dir",
+            str(var_dir),
+            "--demo-models",
+            "digits",
+            "--digits-epochs",
+            "3",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 90
+        endpoints_file = var_dir / "up.json"
+        while not endpoints_file.exists():
+            assert proc.poll() is None, "mesh.up exited early:\n" + "".join(lines[-40:])
+            assert time.monotonic() < deadline, "stack not up in 90 s:\n" + "".join(lines[-40:])
+            time.sleep(0.2)
+        endpoints = json.loads(endpoints_file.read_text())
+        gateway = endpoints["gateway"]
+        assert not gateway.endswith(":8001")
+        assert set(_pids(var_dir)) >= {"redis", "router", "worker-0", "gateway", "compressor"}
+
+        pixels = np.random.default_rng(0).integers(0, 17, (3, 64)).astype(np.float32)
+        client = grpcclient.InferenceServerClient(gateway)
+        try:
+            tensor = grpcclient.InferInput("pixels", [3, 64], "FP32")
+            tensor.set_data_from_numpy(pixels)
+            result = client.infer("digits", [tensor], client_timeout=30)
+            logits = result.as_numpy("logits")
+        finally:
+            client.close()
+
+        # Reference: the registered artifact, run here with torch.
+        (artifact,) = (var_dir / "models" / "digits").rglob("model.pt2")
+        module = torch.export.load(str(artifact)).module()
+        with torch.inference_mode():
+            expected = module(torch.from_numpy(pixels)).numpy()
+        assert logits is not None and logits.shape == (3, 10)
+        np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+        children = _pids(var_dir)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, "".join(lines[-40:])
+        reader.join(timeout=5)
+        still = {name: pid for name, pid in children.items() if _alive(pid)}
+        assert not still, f"children left running: {still}"
+        assert any("stopped" in line for line in lines[-10:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_health_probe_script() -> None:
+    """deploy/healthcheck.py (the compose healthcheck) against a real ServiceHost: SERVING, then not."""
+    from mesh.server import ServiceHost
+
+    host = ServiceHost("probe-test")
+    port = await host.start("127.0.0.1:0")
+    script = str(ROOT / "deploy" / "healthcheck.py")
+    try:
+        ok = await asyncio.create_subprocess_exec(sys.executable, script, f"127.0.0.1:{port}")
+        assert await asyncio.wait_for(ok.wait(), 30) == 0
+        await host.set_serving(False)
+        down = await asyncio.create_subprocess_exec(
+            sys.executable, script, f"127.0.0.1:{port}", stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(down.communicate(), 30)
+        assert down.returncode == 1 and b"NOT_SERVING" in err
+    finally:
+        await host.stop(0)
+
+
+async def test_closed_loop_against_echo() -> None:
+    """The benchmark harness: closed-loop load through tritonclient aio against the bare echo server."""
+    import grpc.aio
+    import tritonclient.grpc.aio as aioclient
+
+    from mesh.benchtools.echo import EchoServicer
+    from mesh.benchtools.load import closed_loop
+    from mesh.benchtools.targets import WORKLOADS, infer_call
+    from mesh.server import GRPC_OPTIONS
+    from mesh.v2 import pb_grpc
+
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = aioclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        workload = WORKLOADS["echo"]
+        call = infer_call(client, workload)
+        reply = await call()
+        np.testing.assert_array_equal(reply.as_numpy("pixels"), workload.data(1))  # type: ignore[attr-defined]
+        result = await closed_loop(call, 2, duration_s=0.3, warmup_s=0.05, max_requests=200)
+        assert result.errors == 0 and 0 < result.requests <= 201
+        assert result.rps > 0 and result.p50_ms <= result.p99_ms
+    finally:
+        await client.close()
+        await server.stop(0)
