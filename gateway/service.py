@@ -1,0 +1,693 @@
+"""Gateway logic: authorize, resolve, validate, pick a worker, forward (merged when busy), answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
+from functools import partial
+from typing import Any, cast
+
+import grpc
+import grpc.aio
+
+from gateway.auth import ANONYMOUS, Authenticator, Principal
+from gateway.coalesce import Coalescer
+from gateway.metrics import IN_FLIGHT, METRICS, STREAMS
+from gateway.ratelimit import RateLimiter
+from gateway.settings import GatewaySettings
+from mesh.codec import validate_request
+from mesh.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MeshError,
+    ModelNotFound,
+    NotFound,
+    Unavailable,
+    from_rpc_error,
+)
+from mesh.logging import request_id_var
+from mesh.server import REQUEST_ID_KEY, open_channel
+from mesh.v2 import config_pb, pb, pb_grpc
+from mesh_pb import common_pb2, router_pb2
+from router.picker import Endpoint, Picker, VersionInfo
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "maas-mesh"
+# Only what this gateway implements (perf_analyzer reads the list).
+EXTENSIONS = (
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "model_configuration",
+    "statistics",
+)
+PLATFORM = "pytorch"
+FINAL = "triton_final_response"
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+_READY = common_pb2.READY
+_STATE_TEXT = {
+    common_pb2.REGISTERED: ("UNAVAILABLE", "registered, not loaded"),
+    common_pb2.LOADING: ("LOADING", ""),
+    common_pb2.FAILED: ("UNAVAILABLE", "failed"),
+    common_pb2.REJECTED: ("UNAVAILABLE", "rejected by its accuracy gate"),
+    common_pb2.RETIRED: ("UNAVAILABLE", "retired"),
+}
+_STREAM_DONE = object()
+
+Metadata = Iterable[tuple[str, Any]] | None
+PlaceFn = Callable[[router_pb2.PlaceRequest, float], Awaitable[router_pb2.PlaceResponse]]
+
+
+def _config_type(datatype: str) -> int:
+    name = "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+    try:
+        return int(config_pb.DataType.Value(name))
+    except ValueError:
+        return int(config_pb.TYPE_INVALID)
+
+
+def _add_duration(dst: Any, src: Any) -> None:
+    dst.count += src.count
+    dst.ns += src.ns
+
+
+def _merge_stats(dst: Any, src: Any) -> None:
+    """Adds one worker's ModelStatistics for a version into the gateway's total."""
+    dst.last_inference = max(dst.last_inference, src.last_inference)
+    dst.inference_count += src.inference_count
+    dst.execution_count += src.execution_count
+    for field in (
+        "success",
+        "fail",
+        "queue",
+        "compute_input",
+        "compute_infer",
+        "compute_output",
+        "cache_hit",
+        "cache_miss",
+    ):
+        _add_duration(getattr(dst.inference_stats, field), getattr(src.inference_stats, field))
+    by_size = {b.batch_size: b for b in dst.batch_stats}
+    for b in src.batch_stats:
+        mine = by_size.get(b.batch_size)
+        if mine is None:
+            mine = by_size[b.batch_size] = dst.batch_stats.add(batch_size=b.batch_size)
+        for field in ("compute_input", "compute_infer", "compute_output"):
+            _add_duration(getattr(mine, field), getattr(b, field))
+    dst.memory_usage.extend(src.memory_usage)
+    for key, rs in src.response_stats.items():
+        mine_rs = dst.response_stats[key]
+        for field in ("compute_infer", "compute_output", "success", "fail", "empty_response", "cancel"):
+            _add_duration(getattr(mine_rs, field), getattr(rs, field))
+
+
+def _is_final(response: Any) -> bool:
+    if response.error_message:
+        return True
+    params = response.infer_response.parameters
+    if FINAL in params:
+        return bool(params[FINAL].bool_param)
+    return True
+
+
+def _stream_error(request_id: str, message: str, model: str = "", version: str = "") -> Any:
+    r = pb.ModelStreamInferResponse(error_message=message)
+    r.infer_response.id = request_id
+    if model:
+        r.infer_response.model_name = model
+        r.infer_response.model_version = version
+    return r
+
+
+class _StreamUpstream:
+    """One upstream ModelStreamInfer call to one worker, on behalf of one client stream."""
+
+    def __init__(self, address: str, call: Any, out: asyncio.Queue[Any], picker: Picker) -> None:
+        self.address = address
+        self.call = call
+        self.out = out
+        self.picker = picker
+        # Endpoints acquired per request id, released on each request's final response.
+        self.pending: dict[str, deque[Endpoint]] = {}
+        self.broken: str | None = None
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def send(self, request: Any, endpoint: Endpoint) -> None:
+        self.pending.setdefault(request.id, deque()).append(endpoint)
+        try:
+            await self.call.write(request)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            self._release(request.id)
+            raise Unavailable(f"worker {endpoint.worker_id}: stream closed ({exc})") from None
+
+    def _release(self, request_id: str) -> None:
+        eps = self.pending.get(request_id)
+        if eps:
+            self.picker.release(eps.popleft())
+            if not eps:
+                del self.pending[request_id]
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                response = await self.call.read()
+                if response is grpc.aio.EOF:
+                    break
+                if _is_final(response):
+                    self._release(response.infer_response.id)
+                await self.out.put(response)
+        except grpc.aio.AioRpcError as exc:
+            self.broken = exc.details() or exc.code().name
+        finally:
+            # Requests still waiting for a final answer get one, so clients never wait forever.
+            for request_id, eps in list(self.pending.items()):
+                for ep in eps:
+                    self.picker.release(ep)
+                    if self.broken is not None:
+                        self.picker.eject(ep.worker_id, 2.0)
+                    await self.out.put(
+                        _stream_error(request_id, f"worker stream ended: {self.broken or 'closed'}")
+                    )
+            self.pending.clear()
+            await self.out.put(_STREAM_DONE)
+
+    async def close_writing(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await self.call.done_writing()
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        self.reader.cancel()
+
+
+class GatewayService:
+    """The public v2 API's logic, transport-free: the servicer decodes, calls these methods, encodes."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        picker: Picker,
+        *,
+        auth: Authenticator | None,
+        limiter: RateLimiter,
+        registry: Any | None = None,
+        place: PlaceFn | None = None,
+    ) -> None:
+        self.settings = settings
+        self.picker = picker
+        self._auth = auth
+        self._limiter = limiter
+        self._registry = registry
+        self._place = place
+        self._retries = max(0, settings.retries)
+        self._eject_s = settings.eject_s
+        self._default_timeout = settings.default_timeout_s if settings.default_timeout_s > 0 else None
+        self._coalesce = settings.coalesce
+        self._per_worker = max(1, settings.coalesce_inflight_per_worker)
+        self.coalescer = Coalescer(
+            max_inflight=self._max_inflight,
+            window_s=max(0.0, settings.coalesce_window_ms) / 1000.0,
+            on_batch=self._on_batch,
+            min_inflight=self._per_worker,
+        )
+        self._stubs: dict[str, Any] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: dict[str, asyncio.TimerHandle] = {}
+
+    # ------------------------------------------------------------------ table & channels
+
+    def on_table(self, table: router_pb2.RouteTable) -> None:
+        """Installs a route table (RouteWatcher callback); closes channels of workers that left it."""
+        if not self.picker.set_table(table):
+            return
+        addresses = {e.address for m in table.models for v in m.versions for e in v.endpoints}
+        loop = asyncio.get_running_loop()
+        for address in list(self._channels):
+            if address in addresses:
+                handle = self._closing.pop(address, None)
+                if handle is not None:
+                    handle.cancel()
+            elif address not in self._closing:
+                # Later, not now: requests in flight on it finish, and a worker that comes back keeps its channel.
+                self._closing[address] = loop.call_later(30.0, self._close_channel, address)
+
+    def _close_channel(self, address: str) -> None:
+        self._closing.pop(address, None)
+        self._stubs.pop(address, None)
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            asyncio.get_running_loop().create_task(channel.close())
+
+    def _stub(self, address: str) -> Any:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = open_channel(address, self.settings)
+            self._channels[address] = channel
+            stub = self._stubs[address] = pb_grpc.GRPCInferenceServiceStub(channel)
+        return stub
+
+    async def close(self) -> None:
+        for handle in self._closing.values():
+            handle.cancel()
+        self._closing.clear()
+        channels = list(self._channels.values())
+        self._channels.clear()
+        self._stubs.clear()
+        for channel in channels:
+            await channel.close()
+
+    # ------------------------------------------------------------------ auth
+
+    async def principal(self, metadata: Metadata) -> Principal:
+        if self._auth is None:
+            return ANONYMOUS
+        return await self._auth.authenticate(metadata)
+
+    async def _authorize_model(self, metadata: Metadata, model: str) -> Principal:
+        principal = await self.principal(metadata)
+        principal.check_model(model)
+        return principal
+
+    # ------------------------------------------------------------------ inference
+
+    def _max_inflight(self, group: Hashable) -> int:
+        model, version = cast(tuple[str, int], group)
+        try:
+            info = self.picker.version_info(model, version)
+        except MeshError:
+            return self._per_worker
+        n = sum(1 for e in info.endpoints if e.healthy and not self.picker.is_ejected(e.worker_id))
+        return max(1, n) * self._per_worker
+
+    def _on_batch(self, group: Hashable, requests: int, rows: int) -> None:
+        METRICS.coalesced(group[0], requests, rows)  # type: ignore[index]
+
+    async def infer(self, request: Any, metadata: Metadata, timeout: float | None) -> Any:
+        """ModelInfer: one request in, its response out (from one worker, possibly as part of a merged batch)."""
+        start = time.perf_counter()
+        model = request.model_name
+        label_model = "_unknown"
+        version_label = ""
+        code = "OK"
+        IN_FLIGHT.inc()
+        try:
+            principal = await self.principal(metadata)
+            principal.check_model(model)
+            self._limiter.check(principal.key_id, principal.rate_limit_rps)
+            picker = self.picker
+            if not picker.has_table:
+                raise Unavailable("gateway: no route table yet (router not reached)")
+            version = picker.resolve(model, request.model_version, request.id)
+            label_model = model
+            version_label = str(version)
+            sig = picker.version_info(model, version).signature
+            if sig.decoupled:
+                raise InvalidArgument(
+                    f"model_name: '{model}' is decoupled (several responses per request); use ModelStreamInfer"
+                )
+            validate_request(request, sig.inputs, sig.max_batch_size)
+            request.model_version = version_label
+            if timeout is None:
+                timeout = self._default_timeout
+            if self._coalesce and sig.max_batch_size > 0:
+                response = await self.coalescer.infer(
+                    (model, version),
+                    request,
+                    sig.max_batch_size,
+                    timeout,
+                    partial(self._forward, model, version),
+                )
+            else:
+                response = await self._forward(model, version, request, timeout)
+            if response.id != request.id:
+                response.id = request.id
+            if response.model_name != model:
+                response.model_name = model
+            return response
+        except MeshError as exc:
+            code = exc.code.name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            IN_FLIGHT.dec()
+            METRICS.observe(label_model, version_label, code, time.perf_counter() - start)
+
+    async def _forward(self, model: str, version: int, request: Any, timeout: float | None) -> Any:
+        """Sends one request to a worker; on UNAVAILABLE ejects it and tries another replica once."""
+        picker = self.picker
+        deadline = None if timeout is None else time.monotonic() + timeout
+        tried: frozenset[str] = frozenset()
+        retries = self._retries
+        metadata = ((REQUEST_ID_KEY, request_id_var.get()),)
+        last: grpc.aio.AioRpcError | None = None
+        while True:
+            try:
+                ep = picker.acquire(model, version, tried)
+            except Unavailable:
+                if last is not None:
+                    raise from_rpc_error(last) from None
+                raise
+            try:
+                remaining = None
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise DeadlineExceeded("deadline exceeded before the request reached a worker")
+                return await self._stub(ep.address).ModelInfer(request, timeout=remaining, metadata=metadata)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != _UNAVAILABLE:
+                    raise from_rpc_error(exc) from None
+                # The worker is gone or refused before doing the work: skip it for a while.
+                picker.eject(ep.worker_id, self._eject_s)
+                if retries <= 0:
+                    raise from_rpc_error(exc) from None
+                retries -= 1
+                last = exc
+                tried = tried | {ep.worker_id}
+                METRICS.retry(model)
+            finally:
+                picker.release(ep)
+
+    async def stream_infer(
+        self, requests: AsyncIterator[Any], metadata: Metadata, timeout: float | None
+    ) -> AsyncIterator[Any]:
+        """ModelStreamInfer: each request goes to one worker (sticky per request id within the stream);
+        responses flow back as the workers send them; per-request errors keep the stream open."""
+        principal = await self.principal(metadata)
+        out: asyncio.Queue[Any] = asyncio.Queue()
+        upstreams: dict[str, _StreamUpstream] = {}
+        affinity: dict[str, _StreamUpstream] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        rid_metadata = ((REQUEST_ID_KEY, request_id_var.get()),)
+        STREAMS.inc()
+
+        async def pump() -> None:
+            try:
+                async for request in requests:
+                    try:
+                        await self._stream_one(
+                            request, principal, upstreams, affinity, deadline, rid_metadata, out
+                        )
+                    except MeshError as exc:
+                        await out.put(_stream_error(request.id, f"{exc.code.name}: {exc.message}"))
+            finally:
+                for up in list(upstreams.values()):
+                    await up.close_writing()
+                await out.put(_STREAM_DONE)
+
+        pumper = asyncio.get_running_loop().create_task(pump())
+        try:
+            producers = 1  # the pump, plus one per upstream stream it opens
+            while producers:
+                item = await out.get()
+                if item is _STREAM_DONE:
+                    producers -= 1
+                elif isinstance(item, _StreamUpstream):
+                    producers += 1
+                else:
+                    yield item
+            error = pumper.exception() if pumper.done() and not pumper.cancelled() else None
+            if error is not None:
+                raise error
+        finally:
+            STREAMS.dec()
+            pumper.cancel()
+            for up in upstreams.values():
+                up.cancel()
+
+    async def _stream_one(
+        self,
+        request: Any,
+        principal: Principal,
+        upstreams: dict[str, _StreamUpstream],
+        affinity: dict[str, _StreamUpstream],
+        deadline: float | None,
+        rid_metadata: tuple[tuple[str, str], ...],
+        out: asyncio.Queue[Any],
+    ) -> None:
+        model = request.model_name
+        principal.check_model(model)
+        self._limiter.check(principal.key_id, principal.rate_limit_rps)
+        picker = self.picker
+        if not picker.has_table:
+            raise Unavailable("gateway: no route table yet (router not reached)")
+        version = picker.resolve(model, request.model_version, request.id)
+        sig = picker.version_info(model, version).signature
+        validate_request(request, sig.inputs, sig.max_batch_size)
+        request.model_version = str(version)
+        up = affinity.get(request.id) if request.id else None
+        if up is not None and up.broken is None and not up.reader.done():
+            ep = self._acquire_on(model, version, up.address)
+        else:
+            ep = picker.acquire(model, version)
+            up = upstreams.get(ep.address)
+            if up is None or up.reader.done():
+                remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+                call = self._stub(ep.address).ModelStreamInfer(timeout=remaining, metadata=rid_metadata)
+                up = _StreamUpstream(ep.address, call, out, picker)
+                upstreams[ep.address] = up
+                await out.put(up)  # counts one more producer for the response loop
+        if request.id:
+            affinity[request.id] = up
+        await up.send(request, ep)
+
+    def _acquire_on(self, model: str, version: int, address: str) -> Endpoint:
+        """An endpoint of the version on the worker at `address` (affinity); any endpoint if it left."""
+        info = self.picker.version_info(model, version)
+        others = frozenset(e.worker_id for e in info.endpoints if e.address != address)
+        try:
+            return self.picker.acquire(model, version, others)
+        except Unavailable:
+            return self.picker.acquire(model, version)
+
+    # ------------------------------------------------------------------ health & metadata
+
+    def server_ready(self) -> bool:
+        return self.picker.has_table
+
+    def server_metadata(self) -> Any:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=self.settings.server_version, extensions=list(EXTENSIONS)
+        )
+
+    def _version_for_metadata(self, model: str, version: str) -> VersionInfo:
+        """The version a metadata call describes: the named one, else stable, else the latest READY."""
+        picker = self.picker
+        if version:
+            return picker.version_info(model, picker.resolve(model, version))
+        route = picker.model_route(model)
+        versions = {v.version: v for v in route.versions}
+        stable = route.aliases.get("stable")
+        if stable in versions:
+            return picker.version_info(model, stable)  # type: ignore[arg-type]
+        ready = [v for v, vr in versions.items() if vr.state == _READY]
+        if ready:
+            return picker.version_info(model, max(ready))
+        if versions:
+            return picker.version_info(model, max(versions))
+        raise ModelNotFound(model)
+
+    async def model_ready(self, name: str, version: str, metadata: Metadata) -> bool:
+        await self._authorize_model(metadata, name)
+        try:
+            v = self.picker.resolve(name, version)
+            return self.picker.version_info(name, v).ready
+        except NotFound:
+            return False
+
+    async def model_metadata(self, name: str, version: str, metadata: Metadata) -> Any:
+        await self._authorize_model(metadata, name)
+        info = self._version_for_metadata(name, version)
+        sig = info.signature
+        route = self.picker.model_route(name)
+        if version:
+            versions = [str(info.version)]
+        else:
+            versions = [str(v.version) for v in route.versions if v.state == _READY] or [str(info.version)]
+        response = pb.ModelMetadataResponse(name=name, versions=versions, platform=PLATFORM)
+        for specs, target in ((sig.inputs, response.inputs), (sig.outputs, response.outputs)):
+            for spec in specs:
+                shape = list(spec.shape)
+                if sig.max_batch_size > 0 and shape:
+                    shape[0] = -1
+                target.add(name=spec.name, datatype=spec.datatype, shape=shape)
+        return response
+
+    async def model_config(self, name: str, version: str, metadata: Metadata) -> Any:
+        await self._authorize_model(metadata, name)
+        info = self._version_for_metadata(name, version)
+        sig = info.signature
+        route = self.picker.model_route(name)
+        cfg = config_pb.ModelConfig(
+            name=name, platform=PLATFORM, backend=PLATFORM, max_batch_size=sig.max_batch_size
+        )
+        batched = sig.max_batch_size > 0
+        for spec in sig.inputs:
+            dims = list(spec.shape[1:] if batched else spec.shape)
+            cfg.input.add(
+                name=spec.name, data_type=_config_type(spec.datatype), dims=dims, optional=spec.optional
+            )  # type: ignore[arg-type]
+        for spec in sig.outputs:
+            dims = list(spec.shape[1:] if batched else spec.shape)
+            cfg.output.add(name=spec.name, data_type=_config_type(spec.datatype), dims=dims)  # type: ignore[arg-type]
+        batching = info.batching
+        if batching.enabled and batched:
+            db = cfg.dynamic_batching
+            db.preferred_batch_size.extend(batching.preferred_batch_sizes)
+            db.max_queue_delay_microseconds = batching.max_queue_delay_us
+            if batching.max_queue_size:
+                db.default_queue_policy.max_queue_size = batching.max_queue_size
+        cfg.model_transaction_policy.decoupled = sig.decoupled
+        cfg.version_policy.specific.versions.extend(
+            sorted(v.version for v in route.versions if v.state == _READY)
+        )
+        devices = {e.device for e in info.endpoints}
+        if info.endpoints:
+            group = cfg.instance_group.add(name=name, count=len(info.endpoints))
+            group.kind = (
+                config_pb.ModelInstanceGroup.KIND_GPU
+                if any(d.startswith("cuda") for d in devices)
+                else config_pb.ModelInstanceGroup.KIND_CPU
+            )
+        return pb.ModelConfigResponse(config=cfg)
+
+    async def model_statistics(self, name: str, version: str, metadata: Metadata) -> Any:
+        """Sums the statistics every worker reports for the version(s) (compute_* counts stay equal)."""
+        principal = await self.principal(metadata)
+        picker = self.picker
+        if name:
+            principal.check_model(name)
+            route = picker.model_route(name)
+            if version:
+                wanted = {(name, picker.resolve(name, version))}
+            else:
+                wanted = {(name, v.version) for v in route.versions}
+        else:
+            wanted = {
+                (m.model, v.version)
+                for m in picker.table.models
+                if not principal.models or m.model in principal.models
+                for v in m.versions
+            }
+        addresses: dict[str, set[tuple[str, int]]] = {}
+        for model, v in wanted:
+            for ep in picker.version_info(model, v).endpoints:
+                addresses.setdefault(ep.address, set()).add((model, v))
+        totals: dict[tuple[str, int], Any] = {}
+        for model, v in sorted(wanted):
+            totals[(model, v)] = pb.ModelStatistics(name=model, version=str(v))
+
+        async def fetch(address: str) -> Any | None:
+            request = pb.ModelStatisticsRequest(
+                name=name, version=str(next(iter(wanted))[1]) if version else ""
+            )
+            try:
+                return await self._stub(address).ModelStatistics(request, timeout=2.0)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("statistics from %s failed: %s", address, exc.code().name)
+                return None
+
+        results = await asyncio.gather(*(fetch(a) for a in addresses))
+        for address, result in zip(addresses, results, strict=True):
+            if result is None:
+                continue
+            for stats in result.model_stats:
+                try:
+                    key = (stats.name, int(stats.version))
+                except ValueError:
+                    continue
+                if key in totals and key in addresses[address]:
+                    _merge_stats(totals[key], stats)
+        return pb.ModelStatisticsResponse(model_stats=[totals[k] for k in sorted(totals)])
+
+    # ------------------------------------------------------------------ repository
+
+    async def repository_index(self, ready_only: bool, metadata: Metadata) -> Any:
+        principal = await self.principal(metadata)
+        rows: dict[tuple[str, int], tuple[str, str]] = {}
+        picker = self.picker
+        if self._registry is not None:
+            try:
+                models = await asyncio.wait_for(self._registry.list_models(include_versions=True), 2.0)
+            except Exception as exc:  # registry down: the table alone still answers
+                log.warning("repository index without the registry: %s", type(exc).__name__)
+                models = []
+            for m in models:
+                for mv in m.versions:
+                    state, reason = _STATE_TEXT.get(mv.state, ("UNAVAILABLE", ""))
+                    rows[(m.name, mv.ref.version)] = (state, mv.reason or reason)
+        for mr in picker.table.models:
+            for vr in mr.versions:
+                info = picker.version_info(mr.model, vr.version)
+                if info.ready:
+                    rows[(mr.model, vr.version)] = ("READY", "")
+                elif vr.state == _READY:
+                    rows[(mr.model, vr.version)] = ("UNAVAILABLE", "no healthy worker")
+                elif (mr.model, vr.version) not in rows:
+                    rows[(mr.model, vr.version)] = _STATE_TEXT.get(vr.state, ("UNAVAILABLE", ""))
+        response = pb.RepositoryIndexResponse()
+        for (model, v), (state, reason) in sorted(rows.items()):
+            if principal.models and model not in principal.models:
+                continue
+            if ready_only and state != "READY":
+                continue
+            response.models.add(name=model, version=str(v), state=state, reason=reason)
+        return response
+
+    async def _known_model(self, name: str) -> None:
+        if name in self.picker.models():
+            return
+        if self._registry is not None:
+            with contextlib.suppress(NotFound):
+                await self._registry.get_model(name, include_versions=False)
+                return
+        raise ModelNotFound(name)
+
+    async def repository_load(self, request: Any, metadata: Metadata) -> None:
+        principal = await self.principal(metadata)
+        principal.check_admin("RepositoryModelLoad")
+        name = request.model_name
+        principal.check_model(name)
+        for key in request.parameters:
+            raise InvalidArgument(
+                f"parameters[{key!r}]: unrecognized load parameter (models are registered, not uploaded)"
+            )
+        if not name:
+            raise InvalidArgument("model_name: empty")
+        await self._known_model(name)
+        if self._place is None:
+            raise FailedPrecondition("gateway: no router configured to place models")
+        await self._place(router_pb2.PlaceRequest(ref=common_pb2.ModelRef(name=name)), 300.0)
+        # Answer once this gateway can route to it, as Triton answers once the model is loaded.
+        for _ in range(100):
+            with contextlib.suppress(MeshError):
+                if self.picker.version_info(name, self.picker.resolve(name)).ready:
+                    return
+            await asyncio.sleep(0.05)
+
+    async def repository_unload(self, request: Any, metadata: Metadata) -> None:
+        principal = await self.principal(metadata)
+        principal.check_admin("RepositoryModelUnload")
+        name = request.model_name
+        principal.check_model(name)
+        for key, value in request.parameters.items():
+            if key != "unload_dependents":
+                raise InvalidArgument(f"parameters[{key!r}]: unrecognized unload parameter")
+            if value.WhichOneof("parameter_choice") not in (None, "bool_param"):
+                raise InvalidArgument("parameters['unload_dependents']: must be a bool")
+        if not name:
+            raise InvalidArgument("model_name: empty")
+        await self._known_model(name)
+        if self._place is None:
+            raise FailedPrecondition("gateway: no router configured to place models")
+        await self._place(router_pb2.PlaceRequest(ref=common_pb2.ModelRef(name=name), unload=True), 120.0)

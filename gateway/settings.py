@@ -1,0 +1,83 @@
+"""Gateway settings, read from MAAS_GATEWAY_* environment variables (plus the common MAAS_* ones)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import SettingsConfigDict
+
+from mesh.settings import MeshSettings
+
+
+class GatewaySettings(MeshSettings):
+    """Public v2 front door: where it listens, how it finds workers, who may call it, how hard it merges."""
+
+    model_config = SettingsConfigDict(env_prefix="MAAS_GATEWAY_", extra="ignore", populate_by_name=True)
+
+    bind: str = "127.0.0.1:8001"
+    """host:port of the public KServe v2 gRPC port ("127.0.0.1:0" picks a free port)."""
+
+    metrics_port: int = 8002
+    """Prometheus metrics HTTP port on 127.0.0.1 (0 = an ephemeral port, -1 = no metrics server)."""
+
+    metrics_addr: str = "127.0.0.1"
+    """Address the metrics HTTP server binds."""
+
+    router_address: str = "127.0.0.1:8101"
+    """host:port of the router whose route table the gateway follows."""
+
+    startup_table_timeout_s: float = 10.0
+    """How long startup waits for the first route table before serving anyway (requests then answer
+    UNAVAILABLE until a table arrives)."""
+
+    auth_mode: Literal["auto", "required", "optional", "disabled"] = "auto"
+    """API keys: "auto" = required when `bind` is not a loopback address, optional on loopback;
+    "required"; "optional" (a key that is sent must be valid); "disabled" (no checks, even on a public
+    address: an explicit opt-out)."""
+
+    auth_cache_ttl_s: float = 2.0
+    """How long a verified (or refused) key is cached; a revoked key stops working within this time."""
+
+    auth_stale_s: float = 300.0
+    """While the registry is unreachable, keys verified within this many seconds keep working."""
+
+    rate_limit_rps: float = 0.0
+    """Default requests/s per API key (a key's own limit wins); 0 = unlimited."""
+
+    rate_limit_burst_s: float = 1.0
+    """Burst allowance of a key, in seconds of its rate (at least one request)."""
+
+    retries: int = 1
+    """Extra attempts on another replica when a worker is unreachable or answers UNAVAILABLE."""
+
+    eject_s: float = 5.0
+    """How long a worker that failed a request is skipped."""
+
+    default_timeout_s: float = 0.0
+    """Upstream timeout for requests that carry no deadline; 0 = none."""
+
+    coalesce: bool = True
+    """Merge concurrent requests for one version into one upstream call (models with max_batch_size > 0)."""
+
+    coalesce_window_ms: float = 0.0
+    """Extra wait for more requests before sending a batch; 0 = merge only what queues up while the
+    version's upstream calls are busy (no added latency for a lone request)."""
+
+    coalesce_inflight_per_worker: int = 2
+    """Upstream calls per worker a version may have in flight before new requests queue (and merge)."""
+
+    public_tls_cert_file: Path | None = None
+    """PEM certificate for TLS on the public port (with public_tls_key_file)."""
+
+    public_tls_key_file: Path | None = None
+    """PEM private key of public_tls_cert_file."""
+
+    public_tls_client_ca_file: Path | None = None
+    """When set, public clients must present a certificate signed by this CA (mTLS on the public port)."""
+
+    uvloop: bool = True
+    """Run on uvloop when installed (about 20% less CPU per gRPC call)."""
+
+    server_version: str = "0.1.0"
+    """Version string in ServerMetadata."""

@@ -1,0 +1,137 @@
+"""Gateway under faults with steady load: a worker killed with SIGKILL, the router restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as aioclient
+from prometheus_client import REGISTRY
+from tritonclient.utils import InferenceServerException
+
+from gateway.app import start_gateway
+from mesh.registry import Registry
+from mesh.store import ArtifactStore
+from router.app import start_router
+from tests.integration.gateway_stack import (
+    WorkerProcess,
+    gateway_settings,
+    make_artifacts,
+    register_digits,
+    router_settings,
+    running_stack,
+    wait_routable,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+
+class Load:
+    """Closed-loop clients sending digits requests until stopped; counts outcomes."""
+
+    def __init__(self, address: str, concurrency: int = 4) -> None:
+        self.client = aioclient.InferenceServerClient(address)
+        self.concurrency = concurrency
+        self.ok = 0
+        self.failures: Counter[str] = Counter()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _loop(self, n: int) -> None:
+        x = np.full((1, 64), float(n), np.float32)
+        inp = aioclient.InferInput("pixels", [1, 64], "FP32")
+        inp.set_data_from_numpy(x)
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            try:
+                await self.client.infer("digits", [inp], request_id=f"{n}-{i}", client_timeout=10)
+                self.ok += 1
+            except InferenceServerException as exc:
+                self.failures[f"{exc.status()}: {exc.message()}"] += 1
+            await asyncio.sleep(0.002)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.get_running_loop().create_task(self._loop(n)) for n in range(self.concurrency)]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        await self.client.close()
+
+
+async def test_worker_killed_under_load_loses_no_request(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    art = make_artifacts(tmp_path)
+    store = ArtifactStore(tmp_path / "store")
+    registry = await Registry.connect(redis_url, prefix)
+    router = await start_router(router_settings(redis_url, prefix))
+    procs = [WorkerProcess(redis_url, prefix, store, f"w{i}") for i in range(2)]
+    gateway = None
+    load = None
+    try:
+        await asyncio.gather(*(p.ready() for p in procs))
+        v = await register_digits(registry, store, art)
+        mv = await registry.get_version("digits", v)
+        mv.min_replicas = 2
+        await registry.update_version(mv)
+        gateway = await start_gateway(gateway_settings(redis_url, prefix, router.address))
+        await wait_routable(gateway, "digits", v, replicas=2, timeout=60)
+        retries_before = REGISTRY.get_sample_value("maas_gateway_retries_total", {"model": "digits"}) or 0.0
+        load = Load(gateway.address)
+        load.start()
+        await asyncio.sleep(1.0)
+        before = load.ok
+        procs[0].kill()
+        await asyncio.sleep(2.5)
+        assert load.ok > before, "no request completed after the kill"
+        await load.stop()
+        assert load.failures == Counter(), load.failures
+        # Requests that met the dead worker were retried on the other replica.
+        retries = REGISTRY.get_sample_value("maas_gateway_retries_total", {"model": "digits"}) or 0.0
+        assert retries > retries_before
+        assert gateway.picker.is_ejected("w0") or all(
+            e.worker_id != "w0" or not e.healthy for e in gateway.picker.version_info("digits", v).endpoints
+        )
+    finally:
+        if load is not None and not load._stop.is_set():
+            await load.stop()
+        if gateway is not None:
+            await gateway.stop(0)
+        for p in procs:
+            p.stop()
+        await router.stop(0)
+        await registry.close()
+
+
+async def test_router_restart_under_load_loses_no_request(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    art = make_artifacts(tmp_path)
+    store = ArtifactStore(tmp_path / "store")
+    async with running_stack(redis_url, prefix, store) as stack:
+        v = await register_digits(stack.registry, store, art)
+        await wait_routable(stack.gateway, "digits", v)
+        load = Load(stack.gateway.address)
+        load.start()
+        try:
+            await asyncio.sleep(0.5)
+            address = stack.router.address
+            await stack.router.stop(0)
+            await asyncio.sleep(1.0)
+            during = load.ok
+            await asyncio.sleep(0.5)
+            assert load.ok > during, "gateway stopped serving while the router was down"
+            stack.router = await start_router(router_settings(redis_url, prefix), bind=address)
+            start = time.monotonic()
+            await wait_until(lambda: stack.gateway.watcher.connected, 10, "gateway reconnected to the router")
+            assert time.monotonic() - start < 10
+            await asyncio.sleep(1.0)
+        finally:
+            await load.stop()
+        assert load.ok > 0
+        assert load.failures == Counter(), load.failures
