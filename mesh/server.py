@@ -16,7 +16,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mesh.errors import MeshError
+from mesh.errors import InvalidArgument, MeshError
 from mesh.logging import request_id_var
 from mesh.settings import MeshSettings
 
@@ -43,24 +43,39 @@ _SERVER_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 REQUEST_ID_KEY = "x-request-id"
+# Error details travel in trailing metadata, which clients cap at 8 KiB by default: a message quoting a
+# huge client input would turn the real status into RESOURCE_EXHAUSTED on the client side.
+MAX_ERROR_DETAILS = 2000
 
 
-def _request_id(details: grpc.HandlerCallDetails) -> str:
-    for key, value in details.invocation_metadata or ():
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_ERROR_DETAILS:
+        return message
+    return message[:MAX_ERROR_DETAILS] + f"... ({len(message) - MAX_ERROR_DETAILS} more characters)"
+
+
+def _request_id(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    for key, value in metadata or ():
         if key == REQUEST_ID_KEY:
             return value if isinstance(value, str) else value.decode("utf-8", "replace")
     return os.urandom(8).hex()
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps MeshError to its status code, anything unexpected to INTERNAL (logged), sets request ids."""
+    """Maps MeshError to its status code, anything unexpected to INTERNAL (logged), sets request ids.
+
+    The wrapped handler of each method is built once and reused for every call (the request id is read
+    from the call's own metadata inside the wrapper), so a call costs one dict lookup here.
+    """
 
     def __init__(self, service: str) -> None:
         self.service = service
+        # method -> (the handler it wraps, the wrapped handler)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
         if isinstance(exc, MeshError):
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, _bounded(exc.message))
         if isinstance(exc, NotImplementedError):  # generated base servicers raise it for RPCs not served
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by {self.service}"
@@ -77,46 +92,68 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        rid = _request_id(handler_call_details)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         abort = self._abort
+        deserialize = handler.request_deserializer
+
+        # Requests are parsed here rather than by grpc (the wrapped handlers are registered without a
+        # deserializer): a body that is not a valid message is the client's error, INVALID_ARGUMENT,
+        # where grpc itself would answer UNKNOWN and log a traceback per request.
+        def parse(raw: Any) -> Any:
+            if deserialize is None:
+                return raw
+            try:
+                return deserialize(raw)
+            except Exception as exc:
+                raise InvalidArgument(
+                    f"request: not a valid request message for {method} ({type(exc).__name__})"
+                ) from None
+
+        async def parsed(raw_iterator: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for raw in raw_iterator:
+                yield parse(raw)
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                request_id_var.set(rid)
+                request_id_var.set(_request_id(context.invocation_metadata()))
                 try:
-                    return await inner_uu(request, context)
+                    return await inner_uu(parse(request), context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:
                     await abort(context, exc, method)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
 
             async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-                request_id_var.set(rid)
+                request_id_var.set(_request_id(context.invocation_metadata()))
                 try:
-                    return await inner_su(request_iterator, context)
+                    return await inner_su(parsed(request_iterator), context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:
                     await abort(context, exc, method)
 
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.stream_unary_rpc_method_handler(stream_unary, None, handler.response_serializer)
 
         inner_stream = handler.unary_stream or handler.stream_stream
+        client_streams = handler.stream_stream is not None
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            request_id_var.set(rid)
+            request_id_var.set(_request_id(context.invocation_metadata()))
             try:
-                result = inner_stream(request, context)
+                result = inner_stream(parsed(request) if client_streams else parse(request), context)
                 if inspect.isasyncgen(result):
                     async for item in result:
                         yield item
@@ -128,12 +165,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await abort(context, exc, method)
 
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                streaming, handler.request_deserializer, handler.response_serializer
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            streaming, handler.request_deserializer, handler.response_serializer
-        )
+            return grpc.unary_stream_rpc_method_handler(streaming, None, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(streaming, None, handler.response_serializer)
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -250,6 +283,7 @@ async def wait_for_signal(
     """Waits until one of the signals arrives; returns it."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[signal.Signals] = loop.create_future()
+
     def arrived(sig: signal.Signals) -> None:
         if not fut.done():
             fut.set_result(sig)

@@ -82,6 +82,8 @@ class RouterService:
         self.registry = registry
         self._models: dict[str, common_pb2.Model] = {}
         self._workers: dict[str, worker_pb2.WorkerStats] = {}
+        self._registry_failed = False
+        self._recovery_until = 0.0
         self._held: HeldIndex = {}
         self._table = router_pb2.RouteTable()
         self._table_body = b""
@@ -154,8 +156,13 @@ class RouterService:
                 listed = await self.registry.list_models(include_versions=True)
                 self._models = {m.name: m for m in listed}
                 self._models_at = time.monotonic()
-            workers = await self.registry.list_workers()
-            self._workers = {w.worker_id: w for w in workers}
+            workers = {w.worker_id: w for w in await self.registry.list_workers()}
+            if time.monotonic() < self._recovery_until:
+                # Just after an outage the registry may not list workers that are alive: keep them
+                # rather than publish a table without endpoints (gateways would answer UNAVAILABLE).
+                for worker_id, stats in self._workers.items():
+                    workers.setdefault(worker_id, stats)
+            self._workers = workers
             self._index()
             changed = self._publish(build_routes(self._models.values(), self._workers, self._held))
             self._built.set()
@@ -233,12 +240,16 @@ class RouterService:
                 models = True
             elif time.monotonic() - self._models_at >= s.models_refresh_s or not self._built.is_set():
                 models = True
+            if self._registry_failed:
+                self._recovery_until = time.monotonic() + s.registry_recovery_grace_s
             try:
                 await self.refresh(models=models)
+                self._registry_failed = False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 # Redis down: keep publishing the last table, try again next tick.
+                self._registry_failed = True
                 log.warning("route table refresh failed (%s); keeping the last table", exc)
 
     async def _placement_loop(self) -> None:

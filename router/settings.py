@@ -60,5 +60,9 @@ class RouterSettings(MeshSettings):
     retry_failed_load_s: float = 10.0
     """Wait before retrying a load that failed for a transient reason (worker unavailable)."""
 
+    registry_recovery_grace_s: float = 5.0
+    """After a registry outage, workers it no longer lists keep their last known endpoints this long
+    (their heartbeat keys expired or were lost with the outage and are being rewritten)."""
+
     stop_grace_s: float = 2.0
     """Grace period for in-flight RPCs when the router stops."""

@@ -18,10 +18,6 @@ from mesh_pb import common_pb2
 
 log = logging.getLogger(__name__)
 
-# torch.from_numpy warns (once) on read-only arrays such as np.frombuffer views of a request; we never
-# write into inputs, so the zero-copy view is safe.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-
 Arrays = dict[str, np.ndarray]
 
 COMPUTE_DTYPES: dict[str, torch.dtype] = {
@@ -170,6 +166,10 @@ class TorchRuntime(Runtime):
     def _to_device(self, arr: np.ndarray) -> Any:
         if arr.dtype == np.object_:
             return [bytes(x) for x in arr.reshape(-1)]
+        if not arr.flags.writeable:
+            # Request tensors are views of the immutable message bytes; a model that writes to its
+            # input must not corrupt them (a copy of a request-sized tensor costs microseconds).
+            arr = arr.copy()
         t = torch.from_numpy(arr)
         if t.is_floating_point() and t.dtype != self.dtype:
             t = t.to(self.dtype)

@@ -244,7 +244,7 @@ async def test_deep_queue_adds_a_replica(
     )
     app = await start_router(settings)
     try:
-        for _ in range(200):
+        for _ in range(600):  # up to 30 s: the machine running the suite may be busy
             if app.service.holders("digits", mv.ref.version) == sorted(["busy", worker.worker_id]):  # type: ignore[attr-defined]
                 break
             await asyncio.sleep(0.05)

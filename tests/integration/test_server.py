@@ -121,3 +121,30 @@ def test_errors_carry_code_and_retryability() -> None:
     assert Unavailable("x").retryable and not InvalidArgument("x").retryable
     assert Unavailable("x", retryable=False).retryable is False
     assert InvalidArgument("f: bad").code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_undecodable_requests_and_huge_messages_keep_their_code(host: ServiceHost) -> None:
+    async with open_channel(host.address) as channel:
+        raw_unary = channel.unary_unary("/inference.GRPCInferenceService/ModelReady")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw_unary(b"\xff\xff\xff")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid request message" in (err.value.details() or "")
+
+        raw_stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+
+        async def junk() -> AsyncIterator[bytes]:
+            yield b"\x0a\xff"
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in raw_stream(junk()):
+                pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        # A message quoting a 20,000-character name is cut, so the client still sees NOT_FOUND.
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ModelReady(pb.ModelReadyRequest(name="x" * 20_000))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert len(err.value.details() or "") < 2_100
+        assert (await stub.ServerLive(pb.ServerLiveRequest())).live
