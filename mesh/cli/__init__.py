@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 import typer
 
@@ -14,16 +13,19 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-# Sub-commands live in their own modules and import service packages only when run.
-_SUBAPPS = {"models": "mesh.cli.models", "keys": "mesh.cli.keys", "config": "mesh.cli.config", "demo": "mesh.cli.demo"}
+# Sub-commands live in their own modules; service packages (and torch) load only when a command runs.
+_SUBAPPS = {
+    "models": "mesh.cli.models",
+    "keys": "mesh.cli.keys",
+    "config": "mesh.cli.config",
+    "demo": "mesh.cli.demo",
+}
 _REGISTRARS = ("mesh.cli.compress", "mesh.cli.infer", "mesh.cli.bench")
 
 for _name, _module in _SUBAPPS.items():
-    if importlib.util.find_spec(_module) is not None:  # TODO(lead): strict once every room has landed
-        app.add_typer(importlib.import_module(_module).app, name=_name)
+    app.add_typer(importlib.import_module(_module).app, name=_name)
 for _module in _REGISTRARS:
-    if importlib.util.find_spec(_module) is not None:
-        importlib.import_module(_module).register(app)
+    importlib.import_module(_module).register(app)
 
 
 def main() -> None:
