@@ -17,6 +17,7 @@ from compressor.methods.base import Dataset
 from mesh.errors import FailedPrecondition, InvalidArgument
 from mesh.store import ArtifactStore
 from mesh_pb import common_pb2
+from workers.models.export import load_program
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def load_parent(store: ArtifactStore, mv: common_pb2.ModelVersion) -> LoadedMode
         module = build(str(blob["arch"]), dict(blob["config"]))
         module.load_state_dict(blob["state_dict"])
         return LoadedModel(module.eval(), str(blob["arch"]), dict(blob["config"]), path)
-    graph = torch.export.load(str(path)).module()
+    graph = load_program(path).module()
     arch, config = arch_of(mv)
     if arch:
         try:

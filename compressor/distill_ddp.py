@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workers.models.export import load_program
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m compressor.distill_ddp", description=__doc__)
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.set_device(device)
     rank = dist.get_rank() if world > 1 else 0
     try:
-        teacher = torch.export.load(args.teacher).module()
+        teacher = load_program(args.teacher).module()
         with np.load(args.train, allow_pickle=False) as data:
             train = Dataset(x=np.asarray(data["x"], np.float32), y=np.asarray(data["y"], np.int64))
         torch.manual_seed(args.seed)

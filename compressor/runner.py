@@ -18,6 +18,7 @@ from compressor.methods.base import Dataset
 from mesh.errors import FailedPrecondition, InvalidArgument
 from mesh.store import ArtifactStore
 from mesh_pb import common_pb2, compressor_pb2
+from workers.models.export import load_program
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def _check_roundtrip(path: Path, fmt: str, data: Dataset, expected: float) -> No
     """Loads the written artifact the way a worker does and checks it scores what the module scored."""
     if fmt != "torch_export":
         return
-    module = torch.export.load(str(path)).module()
+    module = load_program(path).module()
     got = evaluate.accuracy(module, data)
     if abs(got - expected) > 0.02:
         raise FailedPrecondition(f"export: the exported program scores {got:.4f}, the module {expected:.4f}")

@@ -15,6 +15,7 @@ import torch
 
 from mesh.errors import FailedPrecondition, Internal, InvalidArgument
 from mesh_pb import common_pb2
+from workers.models.export import load_program
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class TorchExportRuntime(TorchRuntime):
     def load(self) -> None:
         from torch.export.passes import move_to_device_pass
 
-        ep = torch.export.load(str(self.path))
+        ep = load_program(self.path)
         if self.device.type != "cpu":
             ep = move_to_device_pass(ep, self.device)
         module = _flat_call(ep.module())
@@ -369,38 +370,100 @@ class ModuleStateRuntime(TorchRuntime):
                     yield self._outputs(chunk)
 
 
+# onnxruntime's tensor type names -> numpy dtypes (bfloat16 has no numpy dtype: such inputs are fed as is).
+ONNX_NUMPY_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(bool)": np.bool_,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(string)": np.object_,
+}
+
+
+def _pair_names(declared: list[str], graph: list[str], field: str) -> list[tuple[str, str]]:
+    """(signature name, graph name) pairs: by name when every declared name is in the graph, else by
+    position (a signature may rename the graph's tensors); no signature = the graph's own names."""
+    if not declared:
+        return [(g, g) for g in graph]
+    if set(declared) <= set(graph):
+        return [(d, d) for d in declared]
+    if len(declared) > len(graph):
+        raise FailedPrecondition(
+            f"signature.{field}: {len(declared)} declared, the ONNX graph has {len(graph)} ({', '.join(graph)})"
+        )
+    return list(zip(declared, graph[: len(declared)], strict=True))
+
+
 class OnnxRuntime(Runtime):
-    """ONNX models through onnxruntime (optional extra `onnx`); CUDA provider when present."""
+    """ONNX models through onnxruntime (optional extra `onnx`); CUDA provider when present.
+
+    Tensors map to the graph's inputs/outputs by name (by position when the signature renames them). Inputs
+    are cast to the graph's element types (an fp16 graph keeps an FP32 wire); outputs to the signature's
+    datatypes. On CPU, ONNX Runtime uses as many intra-op threads as torch does (MAAS_WORKER_TORCH_THREADS).
+    """
 
     formats = ("onnx",)
+    session: Any = None
 
     def load(self) -> None:
         try:
-            import onnxruntime as ort  # type: ignore[import-not-found]
+            import onnxruntime as ort  # type: ignore[import-not-found,import-untyped,unused-ignore]
         except ImportError:
             raise FailedPrecondition("format: onnx needs the optional onnxruntime package") from None
-        providers = ["CPUExecutionProvider"]
-        if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(self.path), providers=providers)
+        providers: list[Any] = ["CPUExecutionProvider"]
+        on_cuda = self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+        if on_cuda:
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
+        elif self.device.type == "cuda":
+            log.warning(
+                "%s:%s runs on CPU: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)",
+                self.version.ref.name,
+                self.version.ref.version,
+            )
+        options = ort.SessionOptions()
+        if not on_cuda:
+            options.intra_op_num_threads = max(1, torch.get_num_threads())
+        session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        graph_inputs = {i.name: i.type for i in session.get_inputs()}
+        graph_outputs = [o.name for o in session.get_outputs()]
+        self._feed = [
+            (name, onnx_name, ONNX_NUMPY_DTYPES.get(graph_inputs[onnx_name]))
+            for name, onnx_name in _pair_names(self.input_names, list(graph_inputs), "inputs")
+        ]
+        declared = [s.name for s in self.output_specs]
+        wire = {s.name: WIRE_NUMPY_DTYPES.get(s.datatype) for s in self.output_specs}
+        pairs = _pair_names(declared, graph_outputs, "outputs")
+        self._fetch = [onnx_name for _, onnx_name in pairs]
+        self._outputs_as = [(name, wire.get(name)) for name, _ in pairs]
         self.memory_bytes = self.path.stat().st_size
-        self._onnx_inputs = [i.name for i in self.session.get_inputs()]
-        self._onnx_outputs = [o.name for o in self.session.get_outputs()]
+        self.session = session
 
     def forward(self, inputs: Mapping[str, np.ndarray]) -> Arrays:
-        names = self.input_names or self._onnx_inputs
-        feed = {
-            onnx_name: inputs[name]
-            for onnx_name, name in zip(self._onnx_inputs, names, strict=False)
-            if name in inputs
-        }
-        results = self.session.run(None, feed)
-        out_names = [s.name for s in self.output_specs] or self._onnx_outputs
+        assert self.session is not None, "runtime not loaded"
+        feed: dict[str, np.ndarray] = {}
+        for name, onnx_name, dtype in self._feed:
+            arr = inputs.get(name)
+            if arr is None:  # an optional input the request left out
+                continue
+            if dtype is not None and arr.dtype != dtype:
+                arr = arr.astype(dtype)
+            feed[onnx_name] = arr
+        results = self.session.run(self._fetch, feed)
         out: Arrays = {}
-        for name, value in zip(out_names, results, strict=False):
+        for (name, dtype), value in zip(self._outputs_as, results, strict=True):
             arr = np.asarray(value)
-            if arr.dtype.kind == "f" and arr.dtype != np.float32:
-                arr = arr.astype(np.float32)
+            if dtype is None and arr.dtype.kind == "f":
+                dtype = np.float32  # the wire stays FP32 whatever the graph computes in
+            if dtype is not None and arr.dtype != dtype and dtype is not np.object_:
+                arr = arr.astype(dtype)
             out[name] = arr
         return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,6 +57,17 @@ def export_module(
     return out
 
 
+# torch.export.load keeps its deserializer in a module-level global: two loads in threads of one process
+# fail ("_CURRENT_DESERIALIZER is already set"). Every load in the mesh goes through this lock.
+_LOAD_LOCK = threading.Lock()
+
+
+def load_program(path: str | Path) -> torch.export.ExportedProgram:
+    """torch.export.load, serialised across threads of this process."""
+    with _LOAD_LOCK:
+        return torch.export.load(str(path))
+
+
 def load_exported(
     path: str | Path, device: str | torch.device | None = None, check_inputs: bool = True
 ) -> nn.Module:
@@ -64,7 +76,7 @@ def load_exported(
     `check_inputs=False` drops torch.export's per-call input-constraint hook (about 100 µs per call
     on a CPU core): only for callers that validate shapes and dtypes against the signature themselves.
     """
-    program = torch.export.load(str(path))
+    program = load_program(path)
     mod = program.module()
     if not check_inputs:
         hooks = mod._forward_pre_hooks
