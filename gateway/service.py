@@ -19,7 +19,7 @@ from gateway.coalesce import Coalescer
 from gateway.metrics import IN_FLIGHT, METRICS, STREAMS
 from gateway.ratelimit import RateLimiter
 from gateway.settings import GatewaySettings
-from mesh.codec import validate_request
+from mesh.codec import InputSpecs, validate_request
 from mesh.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -48,7 +48,9 @@ EXTENSIONS = (
 )
 PLATFORM = "pytorch"
 FINAL = "triton_final_response"
-_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+# Upstream answers that mean "this worker did not do the work": it is gone, refusing (draining), or its
+# server cancelled the call while shutting down. Our own client cancelling arrives as CancelledError.
+_RETRY_ELSEWHERE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 _READY = common_pb2.READY
 _STATE_TEXT = {
     common_pb2.REGISTERED: ("UNAVAILABLE", "registered, not loaded"),
@@ -217,6 +219,8 @@ class GatewayService:
         )
         self._stubs: dict[str, Any] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # (model, version) -> (the signature it was built from, its inputs prepared for validate_request)
+        self._specs: dict[tuple[str, int], tuple[Any, InputSpecs]] = {}
         self._closing: dict[str, asyncio.TimerHandle] = {}
 
     # ------------------------------------------------------------------ table & channels
@@ -275,6 +279,16 @@ class GatewayService:
 
     # ------------------------------------------------------------------ inference
 
+    def _input_specs(self, model: str, version: int, sig: Any) -> InputSpecs:
+        """The version's InputSpecs, rebuilt only when a new route table brings a new signature object."""
+        key = (model, version)
+        cached = self._specs.get(key)
+        if cached is not None and cached[0] is sig:
+            return cached[1]
+        specs = InputSpecs(sig.inputs)
+        self._specs[key] = (sig, specs)
+        return specs
+
     def _max_inflight(self, group: Hashable) -> int:
         model, version = cast(tuple[str, int], group)
         try:
@@ -310,7 +324,7 @@ class GatewayService:
                 raise InvalidArgument(
                     f"model_name: '{model}' is decoupled (several responses per request); use ModelStreamInfer"
                 )
-            validate_request(request, sig.inputs, sig.max_batch_size)
+            validate_request(request, self._input_specs(model, version, sig), sig.max_batch_size)
             request.model_version = version_label
             if timeout is None:
                 timeout = self._default_timeout
@@ -365,7 +379,7 @@ class GatewayService:
                         raise DeadlineExceeded("deadline exceeded before the request reached a worker")
                 return await self._stub(ep.address).ModelInfer(request, timeout=remaining, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != _UNAVAILABLE:
+                if exc.code() not in _RETRY_ELSEWHERE:
                     raise from_rpc_error(exc) from None
                 # The worker is gone or refused before doing the work: skip it for a while.
                 picker.eject(ep.worker_id, self._eject_s)
@@ -443,7 +457,7 @@ class GatewayService:
             raise Unavailable("gateway: no route table yet (router not reached)")
         version = picker.resolve(model, request.model_version, request.id)
         sig = picker.version_info(model, version).signature
-        validate_request(request, sig.inputs, sig.max_batch_size)
+        validate_request(request, self._input_specs(model, version, sig), sig.max_batch_size)
         request.model_version = str(version)
         up = affinity.get(request.id) if request.id else None
         if up is not None and up.broken is None and not up.reader.done():

@@ -16,6 +16,7 @@ from mesh_pb import common_pb2
 __all__ = [
     "DATATYPES",
     "MAX_ELEMENTS",
+    "InputSpecs",
     "bf16_to_float32",
     "decode_request",
     "decode_tensor",
@@ -344,9 +345,29 @@ def decode_request(
     return out
 
 
+class InputSpecs:
+    """A signature's inputs prepared once for validate_request: by name, with shapes and required names.
+
+    Build it when a version is loaded (``InputSpecs(signature.inputs)``) and pass it instead of the
+    TensorSpec sequence so a request costs no per-call dict or list building.
+    """
+
+    __slots__ = ("by_name", "names", "required")
+
+    def __init__(self, inputs: Iterable[common_pb2.TensorSpec]) -> None:
+        specs = list(inputs)
+        # name -> (datatype, shape, whether the datatype is one of DATATYPES)
+        self.by_name: dict[str, tuple[str, tuple[int, ...], bool]] = {
+            spec.name: (spec.datatype, tuple(int(d) for d in spec.shape), spec.datatype in DATATYPES)
+            for spec in specs
+        }
+        self.names: tuple[str, ...] = tuple(spec.name for spec in specs)
+        self.required: tuple[str, ...] = tuple(spec.name for spec in specs if not spec.optional)
+
+
 def validate_request(
     request: pb.ModelInferRequest,
-    inputs: Sequence[common_pb2.TensorSpec],
+    inputs: Sequence[common_pb2.TensorSpec] | InputSpecs,
     max_batch_size: int,
     *,
     max_elements: int | None = None,
@@ -354,27 +375,33 @@ def validate_request(
     """Checks a request against a signature without decoding data (cheap enough for every request).
 
     ``inputs`` shapes include the batch dimension when ``max_batch_size > 0``; -1 matches any size.
+    ``inputs`` may be an :class:`InputSpecs` built once per signature (the hot path's form).
     """
-    specs = {spec.name: spec for spec in inputs}
+    specs = inputs if isinstance(inputs, InputSpecs) else InputSpecs(inputs)
+    by_name = specs.by_name
     batch: tuple[int, str] | None = None
     for i, tensor, k in _pair_inputs(request):
         field = _input_field(i, tensor.name)
-        spec = specs.get(tensor.name)
+        spec = by_name.get(tensor.name)
         if spec is None:
-            expected = ", ".join(repr(n) for n in specs) or "none"
+            expected = ", ".join(repr(n) for n in specs.names) or "none"
             raise InvalidArgument(f"{field}.name: unknown input; the model's inputs are {expected}")
-        _check_datatype(tensor.datatype, f"{field}.datatype")
-        if tensor.datatype != spec.datatype:
+        spec_datatype, spec_shape, known = spec
+        if tensor.datatype != spec_datatype or not known:
+            _check_datatype(tensor.datatype, f"{field}.datatype")
+        if tensor.datatype != spec_datatype:
             raise InvalidArgument(
-                f"{field}.datatype: got {tensor.datatype}, the model expects {spec.datatype}"
+                f"{field}.datatype: got {tensor.datatype}, the model expects {spec_datatype}"
             )
         dims, count = _shape_and_count(tensor.shape, field, max_elements)
-        want = list(spec.shape)
-        if len(dims) != len(want):
+        if len(dims) != len(spec_shape):
+            want = list(spec_shape)
             raise InvalidArgument(f"{field}.shape: got {dims} (rank {len(dims)}), the model expects {want}")
-        for d, (got, exp) in enumerate(zip(dims, want, strict=True)):
+        for d, (got, exp) in enumerate(zip(dims, spec_shape, strict=True)):
             if exp >= 0 and got != exp and not (max_batch_size > 0 and d == 0):
-                raise InvalidArgument(f"{field}.shape: dimension {d} is {got}, the model expects {want}")
+                raise InvalidArgument(
+                    f"{field}.shape: dimension {d} is {got}, the model expects {list(spec_shape)}"
+                )
         if max_batch_size > 0:
             if not dims:
                 raise InvalidArgument(f"{field}.shape: a batching model needs a batch dimension")
@@ -414,8 +441,12 @@ def validate_request(
                 )
         elif count:
             raise InvalidArgument(f"{field}: no data (neither raw_input_contents nor contents)")
-    present = {t.name for t in request.inputs}
-    missing = [s.name for s in inputs if not s.optional and s.name not in present]
+    required = specs.required
+    if len(required) == 1 and len(request.inputs) == 1:
+        missing = [] if request.inputs[0].name == required[0] else list(required)
+    else:
+        present = {t.name for t in request.inputs}
+        missing = [name for name in required if name not in present]
     if missing:
         raise InvalidArgument(f"inputs: missing required input(s) {', '.join(repr(n) for n in missing)}")
     if request.parameters:

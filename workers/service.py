@@ -10,12 +10,14 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
+from mesh.codec import InputSpecs
 from mesh.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -91,30 +93,44 @@ class ServedVersion:
     requests_metric: Any = None
     failures_metric: Any = None
 
-    @property
+    # The record never changes while the version is loaded: read its fields once, not per request.
+    @cached_property
     def name(self) -> str:
         return self.record.ref.name
 
-    @property
+    @cached_property
     def version(self) -> int:
         return int(self.record.ref.version)
 
-    @property
+    @cached_property
     def version_str(self) -> str:
         return str(self.record.ref.version)
 
-    @property
+    @cached_property
     def decoupled(self) -> bool:
         return self.record.signature.decoupled
+
+    @cached_property
+    def max_batch_size(self) -> int:
+        return int(self.record.signature.max_batch_size)
+
+    @cached_property
+    def input_specs(self) -> InputSpecs:
+        """The signature's inputs prepared for mesh.codec.validate_request."""
+        return InputSpecs(self.record.signature.inputs)
 
     @property
     def busy(self) -> int:
         return self.batcher.queue_depth + self.batcher.in_flight + self.streams
 
 
-def policy_for(record: common_pb2.ModelVersion) -> BatchingPolicy:
+def policy_for(record: common_pb2.ModelVersion, device: torch.device | None = None) -> BatchingPolicy:
     sig, b = record.signature, record.batching
     return BatchingPolicy(
+        # A GPU forward pass waits for the device; that wait would block the event loop: always a thread.
+        inline_compute_us=0
+        if device is not None and device.type != "cpu"
+        else BatchingPolicy.inline_compute_us,
         max_batch_size=max(0, sig.max_batch_size),
         enabled=b.enabled and sig.max_batch_size > 1 and not sig.decoupled,
         max_queue_delay_us=int(b.max_queue_delay_us),
@@ -164,8 +180,22 @@ class ModelManager:
         self.worker_id = worker_id
         self.memory_budget = memory_budget_bytes or default_budget(device)
         self.warmup = warmup
-        self.executor = ThreadPoolExecutor(max(1, compute_threads), thread_name_prefix="compute")
-        self._load_executor = ThreadPoolExecutor(max(1, load_threads), thread_name_prefix="load")
+        # torch.set_num_threads() reaches OpenMP/MKL only in the thread that calls it: a thread that never
+        # did runs its GEMMs on an OpenMP team of one thread per CPU, whose spinning workers cost 20-50x the
+        # forward pass itself on a small CPU box. Every compute and load thread applies the process's setting.
+        threads = torch.get_num_threads()
+        self.executor = ThreadPoolExecutor(
+            max(1, compute_threads),
+            thread_name_prefix="compute",
+            initializer=torch.set_num_threads,
+            initargs=(threads,),
+        )
+        self._load_executor = ThreadPoolExecutor(
+            max(1, load_threads),
+            thread_name_prefix="load",
+            initializer=torch.set_num_threads,
+            initargs=(threads,),
+        )
         self._models: dict[str, dict[int, ServedVersion]] = {}
         self._newest: dict[str, ServedVersion] = {}
         self._load_locks: dict[tuple[str, int], asyncio.Lock] = {}
@@ -347,7 +377,7 @@ class ModelManager:
         label = (name, str(version))
         batcher = DynamicBatcher(
             runtime.forward,
-            policy_for(record),
+            policy_for(record, self.device),
             self.executor,
             name=f"{name}:{version}",
             stats=stats,

@@ -72,8 +72,7 @@ def _select_outputs(
 
 
 def _decode(sv: ServedVersion, request: pb.ModelInferRequest) -> dict[str, Any]:
-    sig = sv.record.signature
-    codec.validate_request(request, sig.inputs, sig.max_batch_size)
+    codec.validate_request(request, sv.input_specs, sv.max_batch_size)
     return codec.decode_request(request)
 
 

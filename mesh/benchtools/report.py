@@ -7,18 +7,72 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from mesh.benchtools.load import LoadResult
+
+class PointLike(Protocol):
+    """What a row needs from a load point (mesh.benchtools.load.LoadResult or loadgen.PointSummary)."""
+
+    @property
+    def concurrency(self) -> int: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def errors(self) -> int: ...
+    @property
+    def rps(self) -> float: ...
+    @property
+    def p50_ms(self) -> float: ...
+    @property
+    def p99_ms(self) -> float: ...
+    @property
+    def first_error(self) -> str: ...
+
 
 HEADER = """# Benchmarks
 
 Figures from `make bench` (`python -m mesh.cli bench all --out docs/benchmarks.md`): a private stack
 (embedded Redis, demo models, router, worker, gateway on free ports) started by the benchmark itself,
 closed-loop load from tritonclient's aio client (N coroutines on one channel, each sending its next
-request when the previous one returns), plus Triton's perf_analyzer when `make tools` fetched it.
-The load generator shares the machine with the services it measures; on the 2-vCPU development VM
-that is about one core of real work for everything (see shared/reference/measurements.md), so the
-figures are noisy: compare rows of the same run, not across runs. Newest run first.
+request when the previous one returns) run in a load-generator process of its own
+(`mesh.benchtools.loadgen`), plus Triton's perf_analyzer when `make tools` fetched it. Each point runs
+several times, the scenarios interleaved, and the table gives the median. The load generator still
+shares the machine with the services it measures; on the 2-vCPU development VM that is about one core
+of real work for everything (see shared/reference/measurements.md), so the figures are noisy: compare
+rows of the same run, not across runs. Newest run first; the file keeps the two newest runs.
+
+## What limits these figures
+
+Every process on the path spends CPU on each request, and on this VM they all share about one core, so
+at concurrency 1 the latency is roughly the sum of the CPU each process spends on the request, and at
+concurrency 16 the throughput is roughly 1 / (total CPU per request). The "CPU per request" table of
+each run gives that split (user + system time of each process over the measured window, divided by the
+requests answered). What the parts cost, measured in-process while tuning:
+
+- **gRPC itself.** A bare grpc.aio v2 echo server spends about 0.25-0.4 ms of CPU per call, the
+  tritonclient aio client about 0.2-0.35 ms. A Python proxy hop (a server call plus a client call in
+  one process) costs about 0.5-0.75 ms of CPU, nearly all inside grpcio and the event loop: in py-spy
+  the gateway's own logic (auth, version resolution, validation, picking, metrics, coalescing) is
+  about 10-15% of its samples. That is why the gateway hop adds about 0.6-1.0 ms to p50 at
+  concurrency 1: the 0.5 ms goal is below what one Python gRPC hop costs on this machine, whatever
+  the gateway does per request.
+- **The worker on top of gRPC** (digits, batch 1): the forward pass of the exported MLP about
+  0.12-0.15 ms, decode + validate + encode about 0.02 ms, the error interceptor about 0.03 ms, the
+  batcher about 0.02 ms when the batch runs inline on the event loop (versions whose forward pass
+  averages under 0.5 ms of CPU, nothing else computing) against about 0.1 ms more for a hand-off to a
+  compute thread, plus the version's `max_queue_delay_us` (the digits demo: 100 µs) that a lone
+  request waits for company before it runs. So the worker sits about 0.4-0.55 ms above the echo
+  at concurrency 1; with `max_queue_delay_us=0` a lone request skips the queue entirely and the gap
+  measured about 0.1-0.2 ms smaller.
+- **Coalescing at concurrency 16.** The gateway merges the requests that queue behind its in-flight
+  calls into one upstream call, so the worker sees a few large calls instead of sixteen small ones:
+  its CPU per client request falls from about 0.55 ms (direct) to 0.2-0.37 ms. The mesh then runs at
+  about 70-90% of direct-to-worker throughput: what is left is the gateway's own server-side gRPC
+  cost per client request (about 0.35-0.5 ms), which nothing after it can merge away.
+- **Dynamic batching on CPU.** encoder small is compute-bound here: one torch thread spends about as
+  long per sequence at batch 32 as at batch 1 (the "batching ceiling" table), so batching on cannot
+  give much more than that ratio over batching off. The 3× goal needs a device where batching is
+  nearly free per sequence (a GPU: 45× measured on an H100 in-process).
 """
 
 
@@ -58,12 +112,17 @@ def machine_info() -> dict[str, str]:
     return info
 
 
+def _process_order(name: str) -> tuple[int, str]:
+    order = ["client", "echo", "gateway", "worker"]
+    return (order.index(name) if name in order else len(order), name)
+
+
 @dataclass
 class Row:
     scenario: str
     target: str
     model: str
-    result: LoadResult
+    result: PointLike
     note: str = ""
 
 
@@ -87,15 +146,25 @@ class Report:
     verdicts: list[Verdict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     extra_sections: list[str] = field(default_factory=list)
+    cpu_rows: list[tuple[str, int, dict[str, float]]] = field(default_factory=list)
+    """(scenario, concurrency, CPU ms per request by process) from the load generator."""
+    ceiling: tuple[float, float] | None = None
+    """Encoder small in-process per-sequence cost (ms) at batch 1 and batch 32 (1 torch thread)."""
+    runs_per_point: int = 1
     load_at_start: str = field(default_factory=lambda: machine_info()["load"])
     """Other work on the machine skews every figure: the load average when the run began."""
 
-    def add(self, scenario: str, target: str, model: str, result: LoadResult, note: str = "") -> Row:
+    def add(self, scenario: str, target: str, model: str, result: PointLike, note: str = "") -> Row:
         row = Row(scenario, target, model, result, note)
         self.rows.append(row)
+        cpu = getattr(result, "cpu_ms", None)
+        if cpu:
+            self.cpu_rows.append(
+                (scenario if not note else f"{scenario} ({note.split(',')[0]})", result.concurrency, cpu)
+            )
         return row
 
-    def find(self, scenario: str, concurrency: int) -> LoadResult | None:
+    def find(self, scenario: str, concurrency: int) -> PointLike | None:
         for row in self.rows:
             if row.scenario == scenario and row.result.concurrency == concurrency:
                 return row.result
@@ -133,6 +202,38 @@ class Report:
                     f"{r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.requests} | {r.errors} | {note} |"
                 )
             out.append("")
+            if self.runs_per_point > 1:
+                out.append(
+                    f"Each row: the median of {self.runs_per_point} runs (req/s, p50 and p99 each), the runs "
+                    "of every scenario interleaved; requests and errors are totals over the runs."
+                )
+                out.append("")
+        if self.ceiling is not None:
+            one, many = self.ceiling
+            out += [
+                "### Batching ceiling (encoder small in-process, no gRPC, 1 torch thread)",
+                "",
+                "| batch | ms per sequence | sequences/s | per-sequence gain vs batch 1 |",
+                "| ---: | ---: | ---: | ---: |",
+                f"| 1 | {one:.2f} | {1000 / one:,.0f} | 1.0× |",
+                f"| 32 | {many:.2f} | {1000 / many:,.0f} | {one / many:.2f}× |",
+                "",
+                "Served throughput with batching on cannot beat batching off by more than this ratio: on this "
+                "CPU the forward pass costs about as much per sequence at batch 32 as at batch 1.",
+                "",
+            ]
+        if self.cpu_rows:
+            names = sorted({n for _, _, cpu in self.cpu_rows for n in cpu}, key=_process_order)
+            out += [
+                "### CPU per request (ms, all threads of each process, measured window only)",
+                "",
+                "| scenario | concurrency | " + " | ".join(names) + " | total |",
+                "| --- | ---: | " + " | ".join("---:" for _ in names) + " | ---: |",
+            ]
+            for scenario, c, cpu in self.cpu_rows:
+                cells = [f"{cpu[n]:.2f}" if n in cpu else "" for n in names]
+                out.append(f"| {scenario} | {c} | " + " | ".join(cells) + f" | {sum(cpu.values()):.2f} |")
+            out.append("")
         if self.perf_rows:
             out += [
                 "### perf_analyzer (Triton's C++ load generator, synchronous gRPC)",
@@ -151,10 +252,10 @@ class Report:
             out += ["### Notes", ""] + [f"- {n}" for n in self.notes] + [""]
         return "\n".join(out)
 
-    def write(self, path: Path) -> None:
-        """Puts this run at the top of the file (under the header), keeping earlier runs below it."""
+    def write(self, path: Path, keep: int = 2) -> None:
+        """Puts this run at the top of the file (under the header), keeping the `keep` - 1 runs before it."""
         previous = path.read_text() if path.exists() else ""
-        runs = previous.split("\n## Run of ", 1)
-        older = "## Run of " + runs[1] if len(runs) == 2 else ""
+        runs = previous.split("\n## Run of ")[1:]
+        older = "".join("\n## Run of " + run for run in runs[: max(0, keep - 1)])
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(HEADER + "\n" + self.markdown() + ("\n" + older if older else ""))
+        path.write_text(HEADER + "\n" + self.markdown() + older)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from mesh.benchtools.load import LoadResult
+    from mesh.benchtools.loadgen import PointSummary
     from mesh.benchtools.report import Report
 
 app = typer.Typer(
@@ -30,6 +29,9 @@ ConcurrencyOpt = Annotated[
 DurationOpt = Annotated[float, typer.Option("--duration", help="Measured seconds per point.")]
 WarmupOpt = Annotated[float, typer.Option("--warmup", help="Unmeasured seconds before each point.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Write the run into this markdown file.")]
+RunsOpt = Annotated[
+    int, typer.Option("--runs", help="Runs per point (interleaved across scenarios); the median is reported.")
+]
 TokenOpt = Annotated[
     str | None, typer.Option("--token", envvar="MAAS_TOKEN", help="API key for the gateway.")
 ]
@@ -56,15 +58,49 @@ def _console() -> Console:
     return Console(highlight=False)
 
 
-def _point_printer(console: Console, label: str) -> Callable[[LoadResult], None]:
-    def show(r: LoadResult) -> None:
+def _point_printer(console: Console, label: str) -> Callable[[PointSummary], None]:
+    def show(r: PointSummary) -> None:
         errors = f", [red]{r.errors} errors[/red] ({r.first_error[:80]})" if r.errors else ""
+        cpu = "  cpu ms/req " + " ".join(f"{k} {v:.2f}" for k, v in r.cpu_ms.items()) if r.cpu_ms else ""
         console.print(
             f"  {label:<26} c={r.concurrency:<4} {r.rps:>8,.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
-            f"p99 {r.p99_ms:7.2f} ms{errors}"
+            f"p99 {r.p99_ms:7.2f} ms{errors}{cpu}"
         )
 
     return show
+
+
+def _point(
+    url: str,
+    workload_name: str,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    *,
+    model: str = "",
+    version: str = "",
+    token: str | None = None,
+    pids: dict[str, int] | None = None,
+    label: str = "",
+    console: Console | None = None,
+) -> PointSummary:
+    """One run of one point, measured by a load-generator process of its own."""
+    from mesh.benchtools.loadgen import run_point
+
+    r = run_point(
+        url,
+        workload_name,
+        concurrency,
+        duration_s=duration,
+        warmup_s=warmup,
+        model=model,
+        version=version,
+        token=token,
+        pids=pids,
+    )
+    if console is not None:
+        _point_printer(console, label or f"{workload_name} @ {url}")(r)
+    return r
 
 
 def _sweep(
@@ -74,28 +110,37 @@ def _sweep(
     duration: float,
     warmup: float,
     *,
+    runs: int = 1,
     model: str = "",
     version: str = "",
     token: str | None = None,
+    pids: dict[str, int] | None = None,
     label: str = "",
     console: Console | None = None,
-) -> list[LoadResult]:
-    from mesh.benchtools.targets import WORKLOADS, sweep
+) -> list[PointSummary]:
+    """Each concurrency `runs` times (separate load-generator processes); the median of each point."""
+    from mesh.benchtools.loadgen import PointSummary
 
-    printer = _point_printer(console, label or f"{workload_name} @ {url}") if console is not None else None
-    return asyncio.run(
-        sweep(
-            url,
-            WORKLOADS[workload_name],
-            concurrencies,
-            model=model,
-            version=version,
-            duration_s=duration,
-            warmup_s=warmup,
-            token=token,
-            on_point=printer,
-        )
-    )
+    out = []
+    for c in concurrencies:
+        points = [
+            _point(
+                url,
+                workload_name,
+                c,
+                duration,
+                warmup,
+                model=model,
+                version=version,
+                token=token,
+                pids=pids,
+                label=label,
+                console=console,
+            )
+            for _ in range(max(1, runs))
+        ]
+        out.append(PointSummary.median_of(points))
+    return out
 
 
 def _uvloop() -> None:
@@ -123,6 +168,7 @@ def echo(
     concurrency: ConcurrencyOpt = "1,16",
     duration: DurationOpt = 3.0,
     warmup: WarmupOpt = 0.5,
+    runs: RunsOpt = 3,
     out: OutOpt = None,
 ) -> None:
     """The floor: a bare grpc.aio v2 server (no interceptors, no model) that echoes its input."""
@@ -131,13 +177,20 @@ def echo(
 
     _uvloop()
     console = _console()
-    report = Report(command=_command_line())
+    report = Report(command=_command_line(), runs_per_point=runs)
     with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp:
         sink = procs.FileSink(Path(tmp) / "echo.log")
         child = procs.start_echo(sink)
         try:
             for r in _sweep(
-                child.address, "echo", _concurrencies(concurrency), duration, warmup, console=console
+                child.address,
+                "echo",
+                _concurrencies(concurrency),
+                duration,
+                warmup,
+                runs=runs,
+                pids={"echo": child.pid},
+                console=console,
             ):
                 report.add("echo", "bare grpc.aio echo", "echo", r)
         finally:
@@ -154,6 +207,7 @@ def direct(
     concurrency: ConcurrencyOpt = "1,4,16",
     duration: DurationOpt = 3.0,
     warmup: WarmupOpt = 0.5,
+    runs: RunsOpt = 3,
     out: OutOpt = None,
 ) -> None:
     """Straight to one worker, bypassing the gateway."""
@@ -161,9 +215,16 @@ def direct(
 
     _uvloop()
     console = _console()
-    report = Report(command=_command_line())
+    report = Report(command=_command_line(), runs_per_point=runs)
     for r in _sweep(
-        url, model, _concurrencies(concurrency), duration, warmup, version=version, console=console
+        url,
+        model,
+        _concurrencies(concurrency),
+        duration,
+        warmup,
+        runs=runs,
+        version=version,
+        console=console,
     ):
         report.add("direct", f"worker {url}", model, r)
     _finish(report, out, console)
@@ -179,6 +240,7 @@ def gateway(
     concurrency: ConcurrencyOpt = "1,4,16",
     duration: DurationOpt = 3.0,
     warmup: WarmupOpt = 0.5,
+    runs: RunsOpt = 3,
     token: TokenOpt = None,
     out: OutOpt = None,
 ) -> None:
@@ -187,13 +249,14 @@ def gateway(
 
     _uvloop()
     console = _console()
-    report = Report(command=_command_line())
+    report = Report(command=_command_line(), runs_per_point=runs)
     for r in _sweep(
         url,
         model,
         _concurrencies(concurrency),
         duration,
         warmup,
+        runs=runs,
         version=version,
         token=token,
         console=console,
@@ -203,37 +266,66 @@ def gateway(
 
 
 def run_batching(
-    report: Report, console: Console, concurrency: int, duration: float, warmup: float, workdir: Path
+    report: Report,
+    console: Console,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    workdir: Path,
+    runs: int = 1,
 ) -> None:
-    """encoder small at `concurrency` on a standalone worker: version 1 batches, version 2 does not."""
+    """encoder small at `concurrency` on a standalone worker: version 1 batches, version 2 does not;
+    then the same model in-process at batch 1 and batch 32 (the most batching can give on this device)."""
     from mesh.benchtools import procs
-    from mesh.benchtools.batching import BATCHING_OFF, BATCHING_ON, build_encoder_versions, load_versions_sync
+    from mesh.benchtools.batching import (
+        BATCHING_OFF,
+        BATCHING_ON,
+        build_encoder_versions,
+        inprocess_ceiling,
+        load_versions_sync,
+    )
+    from mesh.benchtools.loadgen import PointSummary
 
     store = workdir / "bench-store"
     console.print("batching: exporting encoder small (random weights)…")
     on, off = build_encoder_versions(store)
     sink = procs.FileSink(workdir / "batching-worker.log")
     child = procs.start_standalone_worker(sink, store)
+    labels = {BATCHING_ON: "dynamic batching on", BATCHING_OFF: "dynamic batching off"}
+    points: dict[int, list[PointSummary]] = {BATCHING_ON: [], BATCHING_OFF: []}
     try:
         load_versions_sync(child.address, [on, off])
-        for number, label in ((BATCHING_ON, "dynamic batching on"), (BATCHING_OFF, "dynamic batching off")):
-            (r,) = _sweep(
-                child.address,
-                "encoder",
-                [concurrency],
-                duration,
-                warmup,
-                version=str(number),
-                label=f"encoder small, {label}",
-                console=console,
-            )
-            delay = f", max delay {on.batching.max_queue_delay_us} µs" if number == BATCHING_ON else ""
-            report.add(
-                "batching", "worker (standalone)", "encoder small", r, note=f"{label}{delay}, max batch 64"
-            )
+        for _ in range(max(1, runs)):
+            for number, label in labels.items():
+                points[number].append(
+                    _point(
+                        child.address,
+                        "encoder",
+                        concurrency,
+                        duration,
+                        warmup,
+                        version=str(number),
+                        pids={"worker": child.pid},
+                        label=f"encoder small, {label}",
+                        console=console,
+                    )
+                )
     finally:
         procs.stop(child)
         sink.close()
+    for number, label in labels.items():
+        delay = f", max delay {on.batching.max_queue_delay_us} µs" if number == BATCHING_ON else ""
+        report.add(
+            "batching",
+            "worker (standalone)",
+            "encoder small",
+            PointSummary.median_of(points[number]),
+            note=f"{label}{delay}, max batch 64",
+        )
+    console.print("batching: encoder small in-process at batch 1 and batch 32 (1 torch thread)…")
+    report.ceiling = inprocess_ceiling(store, on)
+    one, many = report.ceiling
+    console.print(f"  {one:.2f} ms/sequence at batch 1, {many:.2f} at batch 32: {one / many:.2f}×")
 
 
 @app.command()
@@ -241,6 +333,7 @@ def batching(
     concurrency: Annotated[int, typer.Option("--concurrency", "-c")] = 32,
     duration: DurationOpt = 6.0,
     warmup: WarmupOpt = 3.0,
+    runs: RunsOpt = 1,
     out: OutOpt = None,
 ) -> None:
     """encoder small at concurrency 32 on one worker, dynamic batching on vs off."""
@@ -248,9 +341,9 @@ def batching(
 
     _uvloop()
     console = _console()
-    report = Report(command=_command_line())
+    report = Report(command=_command_line(), runs_per_point=runs)
     with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp:
-        run_batching(report, console, concurrency, duration, warmup, Path(tmp))
+        run_batching(report, console, concurrency, duration, warmup, Path(tmp), runs)
     add_verdicts(report)
     _finish(report, out, console)
 
@@ -310,7 +403,13 @@ def add_verdicts(report: Report) -> None:
             Verdict(
                 f"dynamic batching, encoder small c={batch[0].concurrency}",
                 "≥ 3× batching off",
-                f"{ratio:.1f}× ({batch[0].rps:,.0f} vs {batch[1].rps:,.0f} req/s)",
+                f"{ratio:.1f}× ({batch[0].rps:,.0f} vs {batch[1].rps:,.0f} req/s)"
+                + (
+                    f"; in-process ceiling on this device {report.ceiling[0] / report.ceiling[1]:.2f}× "
+                    "(per-sequence cost at batch 1 vs batch 32)"
+                    if report.ceiling is not None
+                    else ""
+                ),
                 ratio >= 3.0,
             )
         )
@@ -380,6 +479,7 @@ def all_(
     concurrency: ConcurrencyOpt = "1,4,16",
     duration: DurationOpt = 3.0,
     warmup: WarmupOpt = 0.5,
+    runs: RunsOpt = 3,
     batching_concurrency: Annotated[int, typer.Option("--batching-concurrency")] = 32,
     perf: Annotated[
         bool, typer.Option("--perf/--no-perf", help="Add perf_analyzer rows when .tools has it.")
@@ -401,7 +501,7 @@ def all_(
     _uvloop()
     console = _console()
     sweep_c = _concurrencies(concurrency)
-    report = Report(command=_command_line())
+    report = Report(command=_command_line(), runs_per_point=runs)
     # Short path: the embedded Redis listens on a unix socket under it (~107 bytes at most).
     workdir = Path(tempfile.mkdtemp(prefix="maas-bench-", dir="/tmp" if Path("/tmp").is_dir() else None))
     sink = procs.FileSink(workdir / "stack.log")
@@ -435,37 +535,50 @@ def all_(
         else:
             gateway_url, worker_url = url, direct_url
         echo_child = procs.start_echo(sink)
+        pids: dict[str, int] = {}
+        if stack is not None:
+            pids = {"worker": stack.workers[0].pid}
+            if stack.gateway is not None:
+                pids["gateway"] = stack.gateway.pid
+        # (scenario, target label, url, workload, processes whose CPU is counted) per concurrency.
+        from mesh.benchtools.loadgen import PointSummary
+
         for c in sweep_c:
+            scenarios: list[tuple[str, str, str, str, dict[str, int]]] = []
             if c in (1, max(sweep_c)):
-                (r,) = _sweep(
-                    echo_child.address,
-                    "echo",
-                    [c],
-                    duration,
-                    warmup,
-                    label="echo (bare grpc.aio)",
-                    console=console,
+                scenarios.append(
+                    ("echo", "bare grpc.aio echo", echo_child.address, "echo", {"echo": echo_child.pid})
                 )
-                report.add("echo", "bare grpc.aio echo", "echo", r)
             if worker_url:
-                (r,) = _sweep(
-                    worker_url, "digits", [c], duration, warmup, label="digits direct", console=console
+                scenarios.append(
+                    ("direct", "worker", worker_url, "digits", {"worker": pids["worker"]} if pids else {})
                 )
-                report.add("direct", "worker", "digits", r)
-            (r,) = _sweep(
-                gateway_url,
-                "digits",
-                [c],
-                duration,
-                warmup,
-                token=token,
-                label="digits gateway",
-                console=console,
-            )
-            report.add("gateway", "gateway → worker", "digits", r)
+            scenarios.append(("gateway", "gateway → worker", gateway_url, "digits", pids))
+            points: dict[str, list[PointSummary]] = {name: [] for name, *_ in scenarios}
+            # Runs interleaved (echo, direct, gateway, echo, ...) so that a burst of other work on the
+            # machine lands on every scenario alike; the median of each point is reported.
+            for _ in range(max(1, runs)):
+                for name, _target, address, workload, own in scenarios:
+                    points[name].append(
+                        _point(
+                            address,
+                            workload,
+                            c,
+                            duration,
+                            warmup,
+                            token=token if name == "gateway" else None,
+                            pids=own,
+                            label=f"{workload} {name}",
+                            console=console,
+                        )
+                    )
+            for name, target, _address, workload, _own in scenarios:
+                report.add(name, target, workload, PointSummary.median_of(points[name]))
         procs.stop(echo_child)
         echo_child = None
-        run_batching(report, console, batching_concurrency, max(duration, 6.0), max(warmup, 3.0), workdir)
+        run_batching(
+            report, console, batching_concurrency, max(duration, 6.0), max(warmup, 3.0), workdir, runs=1
+        )
         binary = perf_mod.DEFAULT_BINARY
         if perf and perf_mod.available(binary):
             targets = [("worker", worker_url)] if worker_url else []
@@ -488,8 +601,9 @@ def all_(
             )
         report.notes.append(
             f"each closed-loop point: {warmup:g} s warm-up, {duration:g} s measured (batching: "
-            f"{max(warmup, 3.0):g} s + {max(duration, 6.0):g} s); client = one tritonclient.grpc.aio client on uvloop "
-            "in the benchmark process"
+            f"{max(warmup, 3.0):g} s + {max(duration, 6.0):g} s, one run each); client = one "
+            "tritonclient.grpc.aio client on uvloop in a load-generator process of its own "
+            "(`python -m mesh.benchtools.loadgen`), a fresh one for every run"
         )
         report.notes.append(f"whole run: {time.monotonic() - started:.0f} s")
     finally:

@@ -175,3 +175,36 @@ async def test_batching_disabled_runs_alone(executor: ThreadPoolExecutor) -> Non
         np.testing.assert_allclose(r["y"], x @ W + 1.0, rtol=1e-5, atol=1e-6)
     assert gate.sizes == [2] * 5
     await b.close()
+
+
+async def test_cheap_version_runs_inline_when_idle(executor: ThreadPoolExecutor) -> None:
+    """A version whose forward pass is cheap runs on the event loop once measured (no thread hand-off)."""
+    threads: list[int] = []
+
+    def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        threads.append(threading.get_ident())
+        return affine(inputs)
+
+    b = DynamicBatcher(run, BatchingPolicy(max_batch_size=8, max_queue_delay_us=0), executor, name="m")
+    xs = [np.full((1, 4), i, np.float32) for i in range(12)]
+    for x in xs:
+        r = await asyncio.wait_for(b.submit({"x": x}), 10)
+        np.testing.assert_allclose(r["y"], x @ W + 1.0, rtol=1e-5, atol=1e-6)
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread  # measured on a compute thread first
+    assert threads[-1] == loop_thread  # then inline
+    st = b.stats
+    assert st.success.count == st.compute_infer.count == st.execution_count == len(xs)
+    assert b.in_flight == 0 and b.queue_depth == 0
+    # A failing request still fails alone, with Internal, on the inline path too.
+    with pytest.raises(Internal, match="poison"):
+        await b.submit({"x": np.full((1, 4), -5000, np.float32)})
+    assert st.fail.count == 1 and b.in_flight == 0
+    # inline_compute_us=0 keeps every forward pass on a compute thread.
+    threads.clear()
+    off = DynamicBatcher(run, BatchingPolicy(max_batch_size=8, inline_compute_us=0), executor, name="m")
+    for x in xs:
+        await off.submit({"x": x})
+    assert loop_thread not in threads
+    await b.close()
+    await off.close()

@@ -432,6 +432,9 @@ PAIR = [spec("a", "FP32", [-1, 4]), spec("b", "INT64", [-1])]
 
 def test_validate_accepts_good_requests() -> None:
     codec.validate_request(triton_request(("pixels", "FP32", np.zeros((8, 64), np.float32))), DIGITS, 32)
+    # The hot path's form: the signature's inputs prepared once.
+    digits = codec.InputSpecs(DIGITS)
+    codec.validate_request(triton_request(("pixels", "FP32", np.zeros((8, 64), np.float32))), digits, 32)
     codec.validate_request(triton_request(("prompt", "BYTES", np.array([b"hi"], dtype=object))), TINYLM, 0)
     codec.validate_request(
         triton_request(
@@ -494,13 +497,16 @@ def test_validate_accepts_good_requests() -> None:
         ),
     ],
 )
+@pytest.mark.parametrize("prepared", [False, True], ids=["specs", "input_specs"])
 def test_validate_signature_mismatches(
     tensors: list[tuple[str, str, np.ndarray]],
     signature: list[common_pb2.TensorSpec],
     max_batch: int,
     message: str,
+    prepared: bool,
 ) -> None:
-    raises_invalid(message, codec.validate_request, triton_request(*tensors), signature, max_batch)
+    inputs = codec.InputSpecs(signature) if prepared else signature
+    raises_invalid(message, codec.validate_request, triton_request(*tensors), inputs, max_batch)
 
 
 def test_validate_cheap_data_checks() -> None:
