@@ -79,7 +79,9 @@ def _build_digits(workdir: Path, seed: int, epochs: int, progress: Progress) -> 
             outputs=[_spec("logits", "FP32", [-1, 10])],
             max_batch_size=max_batch,
         ),
-        batching=common_pb2.BatchingConfig(enabled=True, max_queue_delay_us=100),
+        # No added delay: a lone request runs at once, and requests that queue while a batch computes
+        # (or that the gateway coalesces) still merge into one forward pass.
+        batching=common_pb2.BatchingConfig(enabled=True, max_queue_delay_us=0),
         dtype="fp32",
         labels={
             "task": "classification",
