@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from mesh.codec import DATATYPES
 from mesh.errors import FailedPrecondition, Internal, InvalidArgument
 from mesh_pb import common_pb2
 from workers.models.export import load_program
@@ -46,22 +47,8 @@ WIRE_TORCH_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.float32,
 }
 
-WIRE_NUMPY_DTYPES: dict[str, Any] = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "BF16": np.float32,
-    "FP64": np.float64,
-    "BYTES": np.object_,
-}
+# The numpy dtype each v2 datatype travels as (BF16 as float32: the codec narrows it on the wire).
+WIRE_NUMPY_DTYPES = DATATYPES
 
 
 def select_device(setting: str = "auto") -> torch.device:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
+from mesh.codec import DATATYPES
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -17,21 +19,8 @@ DEFAULT_URL = "127.0.0.1:8001"
 
 app = typer.Typer(help="Send one inference request with tritonclient.")
 
-_NUMPY = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "BYTES": np.object_,
-}
+# v2 datatype -> numpy dtype (BF16 as float32, BYTES as object), as the codec reads the wire.
+_NUMPY = DATATYPES
 
 
 def _shape(declared: list[int], batch: int) -> list[int]:
