@@ -20,6 +20,7 @@ from compressor.methods.distill import build_student, check_student_fits
 from compressor.methods.prune import linear_chain
 from compressor.queue import JS, TERMINAL, Claim, JobQueue, now_ms, state_name
 from compressor.settings import CompressorSettings
+from mesh.aio import wait_event
 from mesh.errors import (
     Cancelled,
     FailedPrecondition,
@@ -395,8 +396,7 @@ class CompressorService:
                     await self.queue.update(job_id, mutate)
             except Exception:
                 logger.exception("job %s: could not update progress", job_id)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.settings.poll_s)
+            await wait_event(stop, self.settings.poll_s)
 
     async def _finish(
         self,

@@ -632,7 +632,8 @@ class GatewayService:
         picker = self.picker
         if self._registry is not None:
             try:
-                models = await asyncio.wait_for(self._registry.list_models(include_versions=True), 2.0)
+                async with asyncio.timeout(2.0):
+                    models = await self._registry.list_models(include_versions=True)
             except Exception as exc:  # registry down: the table alone still answers
                 log.warning("repository index without the registry: %s", type(exc).__name__)
                 models = []

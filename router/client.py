@@ -10,6 +10,7 @@ from collections.abc import Callable
 import grpc
 import grpc.aio
 
+from mesh.aio import wait_event
 from mesh.server import open_channel
 from mesh.settings import MeshSettings
 from mesh_pb import router_pb2, router_pb2_grpc
@@ -54,7 +55,8 @@ class RouteWatcher:
 
     async def wait_for_table(self, timeout: float = 5.0) -> router_pb2.RouteTable:
         """The first table (raises TimeoutError if none arrives in time)."""
-        await asyncio.wait_for(self._first.wait(), timeout)
+        if not await wait_event(self._first, timeout):
+            raise TimeoutError(f"no route table from {self.address} within {timeout} s")
         assert self.last_table is not None
         return self.last_table
 
@@ -71,7 +73,8 @@ class RouteWatcher:
                     return table
                 await self._new_table.wait()
 
-        return await asyncio.wait_for(loop(), timeout)
+        async with asyncio.timeout(timeout):
+            return await loop()
 
     async def stop(self) -> None:
         task, self._task = self._task, None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -13,6 +12,7 @@ import grpc
 import grpc.aio
 from prometheus_client import Counter, Gauge
 
+from mesh.aio import wait_event
 from mesh.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -134,7 +134,12 @@ class RouterService:
         tasks = [*self._tasks, *self._op_tasks]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # The loops also end on _stopping: a library call inside one (a channel close, a Redis
+        # command) can swallow the CancelledError, and a loop that kept going would hang the stop.
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=5.0)
+            if pending:
+                log.warning("router stop: %d background tasks did not end", len(pending))
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
@@ -206,8 +211,7 @@ class RouterService:
             while not self._stopping:
                 ev.clear()
                 yield self._table
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ev.wait(), timeout=self.settings.publish_interval_s)
+                await wait_event(ev, self.settings.publish_interval_s)
         finally:
             self._subscribers.discard(ev)
             SUBSCRIBERS.set(len(self._subscribers))
@@ -217,7 +221,7 @@ class RouterService:
 
     async def _watch_events(self) -> None:
         after = "$"
-        while True:
+        while not self._stopping:
             try:
                 async for event in self.registry.watch_events(after):
                     after = event.id
@@ -230,9 +234,8 @@ class RouterService:
 
     async def _refresh_loop(self) -> None:
         s = self.settings
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), timeout=s.poll_interval_s)
+        while not self._stopping:
+            await wait_event(self._dirty, s.poll_interval_s)
             models = False
             if self._dirty.is_set():
                 await asyncio.sleep(s.debounce_s)  # coalesce a burst of events into one rebuild
@@ -253,9 +256,8 @@ class RouterService:
                 log.warning("route table refresh failed (%s); keeping the last table", exc)
 
     async def _placement_loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._place_wakeup.wait(), timeout=self.settings.placement_interval_s)
+        while not self._stopping:
+            await wait_event(self._place_wakeup, self.settings.placement_interval_s)
             self._place_wakeup.clear()
             if not self._built.is_set():
                 continue

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mesh.aio import wait_event
 from mesh.errors import DeadlineExceeded, Internal, InvalidArgument, MeshError, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -207,11 +208,7 @@ class DynamicBatcher:
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Waits until nothing is queued or computing; returns False on timeout."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._idle, timeout_s)
 
     async def close(self) -> None:
         """Stops the loops; requests still queued fail with Unavailable."""

@@ -96,7 +96,9 @@ async def test_sigterm_drains_in_flight_requests(
             inp.set_data_from_numpy(x)
             inputs.append(inp)
         calls = [asyncio.create_task(client.infer("mlp", [inp])) for inp in inputs]
-        await asyncio.sleep(0.1)
+        # SIGTERM once every request has reached the worker (done, computing or queued): on a busy
+        # machine a fixed sleep can signal before the last ones arrive, and those are refused.
+        await _wait_all_arrived(client, worker_process.address, len(calls), timeout_s=15)
         worker_process.proc.send_signal(signal.SIGTERM)
         results = await asyncio.wait_for(asyncio.gather(*calls), 30)
     finally:
@@ -113,6 +115,23 @@ async def test_sigterm_drains_in_flight_requests(
     # deregistered at once (well before the 1 s TTL could expire it)
     ids = {w.worker_id for w in await registry.list_workers()}
     assert worker_process.worker_id not in ids
+
+
+async def _wait_all_arrived(
+    client: tca.InferenceServerClient, address: str, count: int, timeout_s: float
+) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    async with open_channel(address) as channel:
+        control = worker_pb2_grpc.WorkerControlStub(channel)
+        while True:
+            stats = await control.GetStats(worker_pb2.GetStatsRequest())
+            waiting = sum(v.queue_depth + v.in_flight for v in stats.loaded)
+            served = await client.get_inference_statistics("mlp")
+            done = sum(m.inference_stats.success.count for m in served.model_stats)
+            if waiting + done >= count:
+                return
+            assert asyncio.get_running_loop().time() < deadline, f"only {waiting + done} of {count} arrived"
+            await asyncio.sleep(0.01)
 
 
 async def test_heartbeat_expires_after_kill(worker_process: WorkerProcess, registry: Registry) -> None:
