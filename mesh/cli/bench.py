@@ -199,18 +199,20 @@ def echo(
     _finish(report, out, console)
 
 
-@app.command()
-def direct(
-    url: Annotated[str, typer.Option("--url", help="host:port of a worker (its v2 server).")],
-    model: Annotated[str, typer.Option("--model", help="digits or encoder.")] = "digits",
-    version: Annotated[str, typer.Option("--version", help="Version to call; empty = newest loaded.")] = "",
-    concurrency: ConcurrencyOpt = "1,4,16",
-    duration: DurationOpt = 3.0,
-    warmup: WarmupOpt = 0.5,
-    runs: RunsOpt = 3,
-    out: OutOpt = None,
+def _sweep_command(
+    scenario: str,
+    target: str,
+    url: str,
+    model: str,
+    version: str,
+    concurrency: str,
+    duration: float,
+    warmup: float,
+    runs: int,
+    token: str | None,
+    out: Path | None,
 ) -> None:
-    """Straight to one worker, bypassing the gateway."""
+    """The body of the single-target commands: a concurrency sweep against one endpoint, reported."""
     from mesh.benchtools.report import Report
 
     _uvloop()
@@ -224,10 +226,28 @@ def direct(
         warmup,
         runs=runs,
         version=version,
+        token=token,
         console=console,
     ):
-        report.add("direct", f"worker {url}", model, r)
+        report.add(scenario, target, model, r)
     _finish(report, out, console)
+
+
+@app.command()
+def direct(
+    url: Annotated[str, typer.Option("--url", help="host:port of a worker (its v2 server).")],
+    model: Annotated[str, typer.Option("--model", help="digits or encoder.")] = "digits",
+    version: Annotated[str, typer.Option("--version", help="Version to call; empty = newest loaded.")] = "",
+    concurrency: ConcurrencyOpt = "1,4,16",
+    duration: DurationOpt = 3.0,
+    warmup: WarmupOpt = 0.5,
+    runs: RunsOpt = 3,
+    out: OutOpt = None,
+) -> None:
+    """Straight to one worker, bypassing the gateway."""
+    _sweep_command(
+        "direct", f"worker {url}", url, model, version, concurrency, duration, warmup, runs, None, out
+    )
 
 
 @app.command()
@@ -245,24 +265,9 @@ def gateway(
     out: OutOpt = None,
 ) -> None:
     """Through the mesh: client → gateway → worker."""
-    from mesh.benchtools.report import Report
-
-    _uvloop()
-    console = _console()
-    report = Report(command=_command_line(), runs_per_point=runs)
-    for r in _sweep(
-        url,
-        model,
-        _concurrencies(concurrency),
-        duration,
-        warmup,
-        runs=runs,
-        version=version,
-        token=token,
-        console=console,
-    ):
-        report.add("gateway", f"gateway {url}", model, r)
-    _finish(report, out, console)
+    _sweep_command(
+        "gateway", f"gateway {url}", url, model, version, concurrency, duration, warmup, runs, token, out
+    )
 
 
 def run_batching(
