@@ -19,6 +19,7 @@ from gateway.coalesce import Coalescer
 from gateway.metrics import IN_FLIGHT, METRICS, STREAMS
 from gateway.ratelimit import RateLimiter
 from gateway.settings import GatewaySettings
+from gateway.upstream import WorkerLink
 from mesh.codec import InputSpecs, validate_request
 from mesh.errors import (
     DeadlineExceeded,
@@ -218,6 +219,8 @@ class GatewayService:
             min_inflight=self._per_worker,
         )
         self._stubs: dict[str, Any] = {}
+        self._links: dict[str, WorkerLink] = {}
+        self._multiplex = settings.upstream == "stream"
         self._channels: dict[str, grpc.aio.Channel] = {}
         # (model, version) -> (the signature it was built from, its inputs prepared for validate_request)
         self._specs: dict[tuple[str, int], tuple[Any, InputSpecs]] = {}
@@ -243,22 +246,43 @@ class GatewayService:
     def _close_channel(self, address: str) -> None:
         self._closing.pop(address, None)
         self._stubs.pop(address, None)
+        link = self._links.pop(address, None)
         channel = self._channels.pop(address, None)
-        if channel is not None:
-            asyncio.get_running_loop().create_task(channel.close())
+
+        async def close() -> None:
+            if link is not None:
+                await link.close()
+            if channel is not None:
+                await channel.close()
+
+        asyncio.get_running_loop().create_task(close())
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = open_channel(address, self.settings)
+        return channel
 
     def _stub(self, address: str) -> Any:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = open_channel(address, self.settings)
-            self._channels[address] = channel
-            stub = self._stubs[address] = pb_grpc.GRPCInferenceServiceStub(channel)
+            stub = self._stubs[address] = pb_grpc.GRPCInferenceServiceStub(self._channel(address))
         return stub
+
+    def _link(self, address: str) -> WorkerLink:
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = WorkerLink(self._channel(address), address)
+        return link
 
     async def close(self) -> None:
         for handle in self._closing.values():
             handle.cancel()
         self._closing.clear()
+        links = list(self._links.values())
+        self._links.clear()
+        for link in links:
+            await link.close()
         channels = list(self._channels.values())
         self._channels.clear()
         self._stubs.clear()
@@ -362,14 +386,16 @@ class GatewayService:
         deadline = None if timeout is None else time.monotonic() + timeout
         tried: frozenset[str] = frozenset()
         retries = self._retries
-        metadata = ((REQUEST_ID_KEY, request_id_var.get()),)
-        last: grpc.aio.AioRpcError | None = None
+        request_id = request_id_var.get()
+        metadata = ((REQUEST_ID_KEY, request_id),)
+        payload = request.SerializeToString() if self._multiplex else b""
+        last: MeshError | None = None
         while True:
             try:
                 ep = picker.acquire(model, version, tried)
             except Unavailable:
                 if last is not None:
-                    raise from_rpc_error(last) from None
+                    raise last from None
                 raise
             try:
                 remaining = None
@@ -377,14 +403,22 @@ class GatewayService:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise DeadlineExceeded("deadline exceeded before the request reached a worker")
-                return await self._stub(ep.address).ModelInfer(request, timeout=remaining, metadata=metadata)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in _RETRY_ELSEWHERE:
+                if self._multiplex:
+                    data = await self._link(ep.address).infer(payload, remaining, request_id)
+                    return pb.ModelInferResponse.FromString(data)
+                try:
+                    return await self._stub(ep.address).ModelInfer(
+                        request, timeout=remaining, metadata=metadata
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in _RETRY_ELSEWHERE:
+                        raise Unavailable(exc.details() or exc.code().name) from None
                     raise from_rpc_error(exc) from None
-                # The worker is gone or refused before doing the work: skip it for a while.
+            except Unavailable as exc:
+                # The worker is gone, or refused before doing the work: skip it for a while.
                 picker.eject(ep.worker_id, self._eject_s)
                 if retries <= 0:
-                    raise from_rpc_error(exc) from None
+                    raise
                 retries -= 1
                 last = exc
                 tried = tried | {ep.worker_id}

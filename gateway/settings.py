@@ -57,6 +57,11 @@ class GatewaySettings(MeshSettings):
     default_timeout_s: float = 0.0
     """Upstream timeout for requests that carry no deadline; 0 = none."""
 
+    upstream: Literal["stream", "unary"] = "stream"
+    """How ModelInfer reaches workers: "stream" multiplexes requests on one long-lived stream per
+    worker (maas.v1.WorkerInference: a message costs both processes much less than a unary call);
+    "unary" makes one v2 ModelInfer call per request (for workers that serve only the v2 API)."""
+
     coalesce: bool = True
     """Merge concurrent requests for one version into one upstream call (models with max_batch_size > 0)."""
 

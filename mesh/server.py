@@ -48,7 +48,8 @@ REQUEST_ID_KEY = "x-request-id"
 MAX_ERROR_DETAILS = 2000
 
 
-def _bounded(message: str) -> str:
+def bounded_message(message: str) -> str:
+    """An error message cut to MAX_ERROR_DETAILS characters (it travels in trailing metadata)."""
     if len(message) <= MAX_ERROR_DETAILS:
         return message
     return message[:MAX_ERROR_DETAILS] + f"... ({len(message) - MAX_ERROR_DETAILS} more characters)"
@@ -75,7 +76,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
         if isinstance(exc, MeshError):
-            await context.abort(exc.code, _bounded(exc.message))
+            await context.abort(exc.code, bounded_message(exc.message))
         if isinstance(exc, NotImplementedError):  # generated base servicers raise it for RPCs not served
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by {self.service}"

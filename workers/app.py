@@ -20,12 +20,13 @@ from workers.control import WorkerControlServicer
 from workers.heartbeat import Heartbeat
 from workers.runtimes import select_device
 from workers.service import ModelManager, parse_preload
-from workers.servicer import InferenceServicer
+from workers.servicer import InferenceServicer, WorkerInferenceServicer
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 CONTROL_SERVICE_NAME = "maas.v1.WorkerControl"
+INFERENCE_SERVICE_NAME = "maas.v1.WorkerInference"
 VS = common_pb2.VersionState
 
 
@@ -45,6 +46,7 @@ class WorkerApp:
     registry: Any = None
     heartbeat: Heartbeat | None = None
     metrics_port: int = 0
+    mux: WorkerInferenceServicer | None = None
     _stopped: bool = field(default=False, repr=False)
 
     async def drain(self, timeout_s: float | None = None) -> bool:
@@ -67,6 +69,8 @@ class WorkerApp:
             await self.drain()
         if self.heartbeat is not None:
             await self.heartbeat.stop(deregister=True)
+        if self.mux is not None:
+            self.mux.close_streams()
         await self.host.stop(grace_s)
         await self.manager.close()
         if self.registry is not None:
@@ -161,6 +165,9 @@ async def start_worker(settings: WorkerSettings) -> WorkerApp:
     inference = InferenceServicer(manager, load_model=load_model if registry is not None else None)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, host.server)
     host.add_service(SERVICE_NAME)
+    mux = WorkerInferenceServicer(inference)
+    worker_pb2_grpc.add_WorkerInferenceServicer_to_server(mux, host.server)
+    host.add_service(INFERENCE_SERVICE_NAME)
     control = WorkerControlServicer(manager, lambda: holder["app"].address, drain, settings.drain_timeout_s)
     worker_pb2_grpc.add_WorkerControlServicer_to_server(control, host.server)
     host.add_service(CONTROL_SERVICE_NAME)
@@ -179,6 +186,7 @@ async def start_worker(settings: WorkerSettings) -> WorkerApp:
         worker_id=worker_id,
         address=_advertise(settings, host),
         registry=registry,
+        mux=mux,
     )
     holder["app"] = app
     try:

@@ -378,7 +378,12 @@ class DynamicBatcher:
 
     def _record_compute(self, ns: int) -> None:
         # Runs on a compute thread or the loop; a lost update under a race only delays the estimate.
+        # Samples are capped at 1.5x the inline limit: one outlier (a page fault, a GC pass) must not
+        # push a cheap model off the inline path for the next dozen requests, while a model that is
+        # really slower than the limit still converges above it.
         n = self._compute_samples
+        if self._inline_ns:
+            ns = min(ns, self._inline_ns + self._inline_ns // 2)
         self._compute_avg_ns = ns if n == 0 else self._compute_avg_ns + (ns - self._compute_avg_ns) * 0.2
         self._compute_samples = n + 1
 

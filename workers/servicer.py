@@ -12,8 +12,10 @@ import grpc
 
 from mesh import codec
 from mesh.errors import InvalidArgument, MeshError, ModelNotFound, NotFound
+from mesh.logging import request_id_var
+from mesh.server import bounded_message
 from mesh.v2 import config_pb, pb, pb_grpc
-from mesh_pb import common_pb2
+from mesh_pb import common_pb2, worker_pb2, worker_pb2_grpc
 from workers.batcher import Duration, VersionStats
 from workers.service import ModelManager, ServedVersion
 
@@ -38,9 +40,9 @@ EMPTY_FINAL = "triton_enable_empty_final_response"
 _END = object()
 
 
-def _deadline(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None) -> float | None:
-    """Loop-time deadline: the gRPC deadline or the `timeout` request parameter (µs), whichever is first."""
-    remaining = context.time_remaining() if context is not None else None
+def _deadline(request: pb.ModelInferRequest, remaining: float | None) -> float | None:
+    """Loop-time deadline: `remaining` seconds (the call's deadline) or the `timeout` request parameter
+    (µs), whichever is first."""
     if "timeout" in request.parameters:
         param = request.parameters["timeout"]
         which = param.WhichOneof("parameter_choice")
@@ -267,11 +269,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        return await self.infer(request, context.time_remaining())
+
+    async def infer(self, request: pb.ModelInferRequest, remaining: float | None) -> pb.ModelInferResponse:
+        """One unary request, from ModelInfer or from the gateway's multiplexed stream."""
         manager = self.manager
         sv = manager.resolve(request.model_name, request.model_version)
         try:
             inputs = _decode(sv, request)
-            deadline = _deadline(request, context)
+            deadline = _deadline(request, remaining)
         except MeshError:
             manager.count_failure(sv, time.monotonic_ns())
             raise
@@ -367,3 +373,89 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if sv is not None:
                 err.model_version = sv.version_str
             send(pb.ModelStreamInferResponse(error_message=message, infer_response=err))
+
+
+class WorkerInferenceServicer(worker_pb2_grpc.WorkerInferenceServicer):
+    """The gateway's multiplexed data path: each frame is one ModelInfer request, run concurrently with
+    the others (so they batch together); each result goes back tagged as soon as it is ready."""
+
+    def __init__(self, inference: InferenceServicer) -> None:
+        self.inference = inference
+        self._streams: set[asyncio.Queue[Any]] = set()
+
+    def close_streams(self) -> None:
+        """Ends every open stream (after a drain): requests still running get no answer, so the
+        gateway retries them elsewhere; new requests open a stream to another worker."""
+        for results in self._streams:
+            results.put_nowait(_END)
+
+    async def Infer(
+        self, request_iterator: AsyncIterator[worker_pb2.InferFrame], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.InferResult]:
+        results: asyncio.Queue[Any] = asyncio.Queue()
+        running: dict[int, asyncio.Task[None]] = {}
+        infer = self.inference.infer
+
+        async def run(frame: worker_pb2.InferFrame) -> None:
+            tag = frame.tag
+            request_id_var.set(frame.request_id)
+            try:
+                try:
+                    request = pb.ModelInferRequest.FromString(frame.request)
+                except Exception as exc:
+                    raise InvalidArgument(
+                        f"request: not a valid ModelInferRequest ({type(exc).__name__})"
+                    ) from None
+                response = await infer(request, frame.timeout_us / 1e6 if frame.timeout_us else None)
+                result = worker_pb2.InferResult(tag=tag, response=response.SerializeToString())
+            except asyncio.CancelledError:
+                return  # the gateway cancelled it (its client went away), or the stream is closing
+            except MeshError as exc:
+                result = worker_pb2.InferResult(
+                    tag=tag, code=exc.code.value[0], message=bounded_message(exc.message)
+                )
+            except Exception as exc:
+                log.error("request %r failed", frame.request_id, exc_info=exc)
+                result = worker_pb2.InferResult(
+                    tag=tag,
+                    code=grpc.StatusCode.INTERNAL.value[0],
+                    message=f"internal error in ModelInfer: {type(exc).__name__}",
+                )
+            finally:
+                running.pop(tag, None)
+            results.put_nowait(result)
+
+        async def read() -> None:
+            try:
+                async for frame in request_iterator:
+                    if frame.cancel:
+                        task = running.get(frame.tag)
+                        if task is not None:
+                            task.cancel()
+                        continue
+                    running[frame.tag] = asyncio.create_task(run(frame))
+                # The gateway half-closed: answer what is in flight, then end the stream.
+                while running:
+                    await asyncio.gather(*list(running.values()), return_exceptions=True)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the transport broke: end the stream with that error
+                results.put_nowait(exc)
+                return
+            results.put_nowait(_END)
+
+        reader = asyncio.create_task(read())
+        self._streams.add(results)
+        try:
+            while True:
+                item = await results.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._streams.discard(results)
+            reader.cancel()
+            for task in list(running.values()):
+                task.cancel()

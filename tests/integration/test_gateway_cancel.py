@@ -61,11 +61,17 @@ def gate() -> Iterator[threading.Event]:
         ARCHS.pop(ARCH, None)
 
 
-@pytest.fixture
+@pytest.fixture(params=["stream", "unary"])
 async def stack(
-    redis_url: str, prefix: str, store: ArtifactStore, tmp_path: Path, gate: threading.Event
+    request: pytest.FixtureRequest,
+    redis_url: str,
+    prefix: str,
+    store: ArtifactStore,
+    tmp_path: Path,
+    gate: threading.Event,
 ) -> AsyncIterator[Stack]:
-    async with running_stack(redis_url, prefix, store) as s:
+    # Both upstream paths: frames on the multiplexed stream (cancel frames) and one v2 call per request.
+    async with running_stack(redis_url, prefix, store, upstream=request.param) as s:
         path = save_module_state(GatedDouble({"gate": "main"}), tmp_path / "gated.pt")
         art = store.put_file(MODEL, "1", path, "model.pt")
         sig = common_pb2.Signature(

@@ -43,6 +43,62 @@ def test_torch_export_dtypes_keep_fp32_wire(
     assert out["logits"].dtype == np.float32 and out["logits"].shape == (3, 10)
     np.testing.assert_allclose(out["logits"], _reference(x), atol=tol, rtol=tol)
     assert rt.memory_bytes == module_memory_bytes(mlp()) // (1 if dtype == "fp32" else 2)
+    # The exported graph is called directly (lifted weights passed in) and agrees with the module path.
+    assert rt._lifted is not None
+    lifted = rt.forward({"pixels": x})["logits"]
+    rt._lifted = None
+    np.testing.assert_array_equal(lifted, rt.forward({"pixels": x})["logits"])
+
+
+class _Counting(torch.nn.Module):
+    """Mutates a buffer in forward: the exported graph does it in place on the tensor passed in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("offset", torch.tensor(1.5), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return x + self.offset
+
+
+class _Constant(torch.nn.Module):
+    """A non-persistent buffer and a tensor constant: both lifted, both passed in by the direct call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.tensor(1.5), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.tensor(2.0) + self.offset
+
+
+@pytest.mark.parametrize("module", [_Counting(), _Constant()])
+def test_torch_export_direct_graph_call(
+    store: ArtifactStore, tmp_path: Path, module: torch.nn.Module
+) -> None:
+    from workers.models.export import export_module
+
+    path = export_module(module, torch.zeros(2, 4), tmp_path / "m.pt2")
+    art = store.put_file("m", 1, path, "model.pt2")
+    rec = record(
+        "m",
+        1,
+        art,
+        fmt="torch_export",
+        inputs=[spec("x", "FP32", [-1, 4])],
+        outputs=[spec("y", "FP32", [-1, 4])],
+    )
+    rt = load_runtime(rec, store.resolve(rec.artifact_uri), CPU)
+    assert rt._lifted is not None
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    counting = isinstance(module, _Counting)
+    expected = x + 1.5 if counting else x * 2 + 1.5
+    for _ in range(3):
+        np.testing.assert_array_equal(rt.forward({"x": x})["y"], expected)
+    if counting:  # the buffer the module holds is the one the graph updated
+        assert float(rt.module.get_buffer("calls")) == 3 + 1  # + the warm-up call
 
 
 def test_torchscript_runtime(store: ArtifactStore, tmp_path: Path) -> None:
