@@ -8,6 +8,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
@@ -127,21 +128,43 @@ def _stream_error(request_id: str, message: str, model: str = "", version: str =
     return r
 
 
+@dataclass(slots=True)
+class _Sent:
+    """A streamed request on one upstream: its endpoint slot, itself (to resend), whether it got an answer."""
+
+    endpoint: Endpoint
+    request: Any
+    retry: bool
+    answered: bool = False
+
+
+@dataclass(slots=True)
+class _Resend:
+    """A streamed request whose worker's stream broke before any answer: to send again elsewhere, once."""
+
+    request: Any
+    worker_id: str
+
+
 class _StreamUpstream:
     """One upstream ModelStreamInfer call to one worker, on behalf of one client stream."""
 
-    def __init__(self, address: str, call: Any, out: asyncio.Queue[Any], picker: Picker) -> None:
+    def __init__(
+        self, address: str, call: Any, out: asyncio.Queue[Any], picker: Picker, eject_s: float
+    ) -> None:
         self.address = address
         self.call = call
         self.out = out
         self.picker = picker
-        # Endpoints acquired per request id, released on each request's final response.
-        self.pending: dict[str, deque[Endpoint]] = {}
+        self.eject_s = eject_s
+        # Requests sent per request id, oldest first; each leaves on its final response.
+        self.pending: dict[str, deque[_Sent]] = {}
         self.broken: str | None = None
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
-    async def send(self, request: Any, endpoint: Endpoint) -> None:
-        self.pending.setdefault(request.id, deque()).append(endpoint)
+    async def send(self, request: Any, endpoint: Endpoint, retry: bool) -> None:
+        """Sends one request; `retry`: it may be resent elsewhere once if the stream breaks unanswered."""
+        self.pending.setdefault(request.id, deque()).append(_Sent(endpoint, request, retry))
         try:
             await self.call.write(request)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
@@ -149,10 +172,10 @@ class _StreamUpstream:
             raise Unavailable(f"worker {endpoint.worker_id}: stream closed ({exc})") from None
 
     def _release(self, request_id: str) -> None:
-        eps = self.pending.get(request_id)
-        if eps:
-            self.picker.release(eps.popleft())
-            if not eps:
+        sent = self.pending.get(request_id)
+        if sent:
+            self.picker.release(sent.popleft().endpoint)
+            if not sent:
                 del self.pending[request_id]
 
     async def _read(self) -> None:
@@ -161,21 +184,29 @@ class _StreamUpstream:
                 response = await self.call.read()
                 if response is grpc.aio.EOF:
                     break
+                request_id = response.infer_response.id
                 if _is_final(response):
-                    self._release(response.infer_response.id)
+                    self._release(request_id)
+                else:
+                    sent = self.pending.get(request_id)
+                    if sent:
+                        sent[0].answered = True
                 await self.out.put(response)
         except grpc.aio.AioRpcError as exc:
             self.broken = exc.details() or exc.code().name
         finally:
-            # Requests still waiting for a final answer get one, so clients never wait forever.
-            for request_id, eps in list(self.pending.items()):
-                for ep in eps:
-                    self.picker.release(ep)
-                    if self.broken is not None:
-                        self.picker.eject(ep.worker_id, 2.0)
-                    await self.out.put(
-                        _stream_error(request_id, f"worker stream ended: {self.broken or 'closed'}")
-                    )
+            # Requests still waiting for a final answer: sent again elsewhere when nothing of them came back
+            # yet (once), otherwise answered with an error, so clients never wait forever.
+            for request_id, sent in list(self.pending.items()):
+                for item in sent:
+                    self.picker.release(item.endpoint)
+                    self.picker.eject(item.endpoint.worker_id, self.eject_s)
+                    if item.retry and not item.answered:
+                        await self.out.put(_Resend(item.request, item.endpoint.worker_id))
+                    else:
+                        await self.out.put(
+                            _stream_error(request_id, f"worker stream ended: {self.broken or 'closed'}")
+                        )
             self.pending.clear()
             await self.out.put(_STREAM_DONE)
 
@@ -462,6 +493,18 @@ class GatewayService:
                     producers -= 1
                 elif isinstance(item, _StreamUpstream):
                     producers += 1
+                elif isinstance(item, _Resend):
+                    # Its worker's stream broke before any answer: once more, on another replica.
+                    METRICS.retry(item.request.model_name)
+                    try:
+                        up = await self._stream_one(
+                            item.request, principal, upstreams, affinity, deadline, rid_metadata, out,
+                            exclude=item.worker_id,
+                        )  # fmt: skip
+                        if pumper.done():  # the client already half-closed: so does this new upstream
+                            await up.close_writing()
+                    except MeshError as exc:
+                        yield _stream_error(item.request.id, f"{exc.code.name}: {exc.message}")
                 else:
                     yield item
             error = pumper.exception() if pumper.done() and not pumper.cancelled() else None
@@ -482,10 +525,14 @@ class GatewayService:
         deadline: float | None,
         rid_metadata: tuple[tuple[str, str], ...],
         out: asyncio.Queue[Any],
-    ) -> None:
+        exclude: str | None = None,
+    ) -> _StreamUpstream:
+        """Sends one streamed request to a worker (the one its id is sticky to, if any); `exclude`: a
+        resend after the worker `exclude` failed, which goes elsewhere and is not resent again."""
         model = request.model_name
         principal.check_model(model)
-        self._limiter.check(principal.key_id, principal.rate_limit_rps)
+        if exclude is None:
+            self._limiter.check(principal.key_id, principal.rate_limit_rps)
         picker = self.picker
         if not picker.has_table:
             raise Unavailable("gateway: no route table yet (router not reached)")
@@ -493,21 +540,22 @@ class GatewayService:
         sig = picker.version_info(model, version).signature
         validate_request(request, self._input_specs(model, version, sig), sig.max_batch_size)
         request.model_version = str(version)
-        up = affinity.get(request.id) if request.id else None
+        up = affinity.get(request.id) if request.id and exclude is None else None
         if up is not None and up.broken is None and not up.reader.done():
             ep = self._acquire_on(model, version, up.address)
         else:
-            ep = picker.acquire(model, version)
+            ep = picker.acquire(model, version, frozenset() if exclude is None else frozenset({exclude}))
             up = upstreams.get(ep.address)
             if up is None or up.reader.done():
                 remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
                 call = self._stub(ep.address).ModelStreamInfer(timeout=remaining, metadata=rid_metadata)
-                up = _StreamUpstream(ep.address, call, out, picker)
+                up = _StreamUpstream(ep.address, call, out, picker, self._eject_s)
                 upstreams[ep.address] = up
                 await out.put(up)  # counts one more producer for the response loop
         if request.id:
             affinity[request.id] = up
-        await up.send(request, ep)
+        await up.send(request, ep, retry=exclude is None and self._retries > 0)
+        return up
 
     def _acquire_on(self, model: str, version: int, address: str) -> Endpoint:
         """An endpoint of the version on the worker at `address` (affinity); any endpoint if it left."""

@@ -306,6 +306,7 @@ def register_request(
     min_replicas: int = 1,
     state: int = common_pb2.REGISTERED,
     labels: Mapping[str, str] | None = None,
+    delay_us: int = 0,
 ) -> registry_pb2.RegisterVersionRequest:
     return registry_pb2.RegisterVersionRequest(
         model=model,
@@ -313,7 +314,7 @@ def register_request(
         sha256=art.sha256,
         format="module_state",
         signature=digits_signature(),
-        batching=common_pb2.BatchingConfig(enabled=True, max_queue_delay_us=0),
+        batching=common_pb2.BatchingConfig(enabled=True, max_queue_delay_us=delay_us),
         dtype="fp32",
         state=state,  # type: ignore[arg-type]
         min_replicas=min_replicas,

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -106,7 +107,7 @@ def fault_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultMesh]:
         try:
             await reg.register_version(register_request("digits", digits.artifact, min_replicas=2))
             _, token = await reg.create_api_key(
-                "fault-load", registry_pb2.INFER, models=["digits", "digits-late"]
+                "fault-load", registry_pb2.INFER, models=["digits", "digits-late", "digits-slow"]
             )
             return token
         finally:
@@ -194,6 +195,89 @@ async def test_sigterm_worker_under_load(fault_mesh: FaultMesh, figures_path: Pa
     assert exit_code == 0
     assert report.failed == 0, report.failure_details
     assert report.wrong == 0
+
+
+async def test_kill9_worker_with_streamed_requests_queued(fault_mesh: FaultMesh, figures_path: Path) -> None:
+    """ModelStreamInfer through the gateway: requests queued on a worker that dies (nothing answered yet)
+    are sent again to the other replica; the client sees only correct answers, the stream stays open."""
+    import tritonclient.grpc as grpcclient
+
+    mesh = fault_mesh
+    await mesh.ensure_two_replicas()
+    assert mesh.stack.gateway is not None and mesh.stack.router is not None
+    reg = await Registry.connect(mesh.stack.redis_url, mesh.stack.prefix)
+    try:
+        # A 1.5 s batching delay holds every lone request in its worker's queue long enough to kill it.
+        mv = await reg.register_version(
+            register_request("digits-slow", mesh.digits.artifact, min_replicas=2, delay_us=1_500_000)
+        )
+    finally:
+        await reg.close()
+    version = int(mv.ref.version)
+    live = {MeshStack.worker_id(w) for w in mesh.live_workers()[-2:]}
+    router = mesh.stack.router.address
+
+    async def placed() -> bool:
+        return healthy_workers(await fetch_table(router), "digits-slow", version) == live
+
+    await async_wait_until(placed, 60, "digits-slow on both workers", interval_s=0.1)
+
+    answers: asyncio.Queue[tuple[Any, Any]] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    client = grpcclient.InferenceServerClient(mesh.stack.gateway.address)
+    n = 6
+    try:
+        client.start_stream(
+            callback=lambda result, error: loop.call_soon_threadsafe(answers.put_nowait, (result, error)),
+            headers={"authorization": f"Bearer {mesh.token}"},
+        )
+        for i in range(n):
+            inp = grpcclient.InferInput("pixels", list(mesh.pixels.shape), "FP32")
+            inp.set_data_from_numpy(mesh.pixels)
+            client.async_stream_infer("digits-slow", [inp], request_id=f"s{i}")
+        await asyncio.sleep(0.5)  # all queued (1.5 s delay), spread over both workers by the picker
+        # The victim is the worker holding the most of them, so some are certainly orphaned.
+        queued = {w.pid: await _queued(w.address, "digits-slow") for w in mesh.live_workers()[-2:]}
+        victim = max(mesh.live_workers()[-2:], key=lambda w: queued[w.pid])
+        assert queued[victim.pid] > 0, queued
+        t_kill = time.monotonic()
+        victim.kill()
+        got = [await asyncio.wait_for(answers.get(), 30) for _ in range(n)]
+        t_done = time.monotonic()
+    finally:
+        await asyncio.to_thread(client.stop_stream)
+        client.close()
+    errors = [str(e) for _, e in got if e is not None]
+    assert not errors, errors
+    ids = sorted(r.get_response().id for r, _ in got)
+    assert ids == sorted(f"s{i}" for i in range(n))
+    for r, _ in got:
+        np.testing.assert_allclose(r.as_numpy("logits"), mesh.expected, rtol=1e-5, atol=1e-5)
+    write_figures(
+        figures_path,
+        "fault_kill9_worker_streamed",
+        {
+            "requests": n,
+            "queued_on_the_killed_worker": queued[victim.pid],
+            "errors": len(errors),
+            "kill_to_last_answer_s": round(t_done - t_kill, 3),
+        },
+    )
+
+
+async def _queued(address: str, model: str) -> int:
+    """Requests of `model` waiting in a worker's queue (WorkerControl.GetStats)."""
+    from mesh.server import open_channel
+    from mesh_pb import worker_pb2, worker_pb2_grpc
+
+    channel = open_channel(address)
+    try:
+        stats = await worker_pb2_grpc.WorkerControlStub(channel).GetStats(
+            worker_pb2.GetStatsRequest(), timeout=5
+        )
+    finally:
+        await channel.close()
+    return sum(v.queue_depth for v in stats.loaded if v.ref.name == model)
 
 
 async def _serves(mesh: FaultMesh, model: str) -> bool:
