@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +11,8 @@ from gateway.ratelimit import RateLimiter
 from gateway.service import GatewayService
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
+from mesh.auth import bearer_metadata, is_loopback
+from mesh.auth import keys_required as mesh_keys_required
 from mesh.errors import from_rpc_error
 from mesh.registry import Registry
 from mesh.server import ServiceHost, open_channel, server_credentials, start_metrics_server
@@ -23,25 +24,9 @@ from router.picker import Picker
 log = logging.getLogger(__name__)
 
 
-def is_loopback(bind: str) -> bool:
-    """True when `host:port` listens on a loopback address only."""
-    host = bind.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def keys_required(settings: GatewaySettings) -> bool | None:
     """True = every call needs a key, False = optional, None = no checks at all."""
-    mode = settings.auth_mode
-    if mode == "disabled":
-        return None
-    if mode == "auto":
-        return not is_loopback(settings.bind)
-    return mode == "required"
+    return mesh_keys_required(settings.auth_mode, settings.bind)
 
 
 @dataclass
@@ -95,18 +80,26 @@ async def start_gateway(settings: GatewaySettings, *, registry: Registry | None 
     router_channel = open_channel(settings.router_address, settings)
     owned.append(router_channel)
     router_stub = router_pb2_grpc.RouterServiceStub(router_channel)
+    router_key = settings.router_api_key.get_secret_value() if settings.router_api_key else None
+    router_metadata = bearer_metadata(router_key)
 
     async def place(request: router_pb2.PlaceRequest, timeout: float) -> router_pb2.PlaceResponse:
         import grpc.aio
 
         try:
-            return await router_stub.Place(request, timeout=timeout)
+            return await router_stub.Place(request, timeout=timeout, metadata=router_metadata)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
 
     picker = Picker()
     service = GatewayService(settings, picker, auth=auth, limiter=limiter, registry=registry, place=place)
-    watcher = RouteWatcher(settings.router_address, service.on_table, subscriber="gateway", settings=settings)
+    watcher = RouteWatcher(
+        settings.router_address,
+        service.on_table,
+        subscriber="gateway",
+        settings=settings,
+        metadata=router_metadata,
+    )
     await watcher.start()
     if settings.startup_table_timeout_s > 0:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from mesh.settings import MeshSettings
@@ -26,6 +27,11 @@ class GatewaySettings(MeshSettings):
 
     router_address: str = "127.0.0.1:8101"
     """host:port of the router whose route table the gateway follows."""
+
+    router_api_key: SecretStr | None = None
+    """API key (bearer token) the gateway sends to the router, for a router that requires keys
+    (MAAS_ROUTER_AUTH_MODE): any valid key lets it follow the route table; RepositoryModelLoad/Unload
+    (the router's Place) also need the admin role. Unset or empty: no key is sent."""
 
     startup_table_timeout_s: float = 10.0
     """How long startup waits for the first route table before serving anyway (requests then answer

@@ -6,6 +6,7 @@ import logging
 
 import redis.asyncio as aioredis
 
+from mesh.auth import ApiKeyInterceptor, Authenticator, Need, is_loopback, keys_required
 from mesh.redis_embed import EmbeddedRedis
 from mesh.registry import Registry
 from mesh.server import ServiceHost
@@ -18,6 +19,14 @@ log = logging.getLogger(__name__)
 
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 REGISTRY_SERVICE = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+# What each RPC asks of the caller's key when keys are checked: the registry admin API and placement
+# change the mesh (and CreateApiKey mints keys), so they need the admin role; gateways follow the route
+# table with any valid key. RPCs added to either service later need the admin role by default.
+KEY_RULES: dict[str, Need] = {
+    f"/{REGISTRY_SERVICE}/": "admin",
+    f"/{ROUTER_SERVICE}/": "admin",
+    f"/{ROUTER_SERVICE}/WatchRoutes": "any",
+}
 
 
 class RouterApp:
@@ -59,7 +68,12 @@ class RouterApp:
 
 
 async def start_router(settings: RouterSettings, *, bind: str | None = None) -> RouterApp:
-    """Starts the router's gRPC server on `bind` (default settings.bind; "127.0.0.1:0" picks a port)."""
+    """Starts the router's gRPC server on `bind` (default settings.bind; "127.0.0.1:0" picks a port).
+    Checks API keys as `settings.auth_mode` says for that address (see KEY_RULES)."""
+    bind = bind or settings.bind
+    required = keys_required(settings.auth_mode, bind)
+    if required is None and not is_loopback(bind):
+        log.warning("API keys are disabled on the router's non-loopback address %s", bind)
     embedded = None
     url = settings.redis_url
     if url is None:
@@ -70,18 +84,26 @@ async def start_router(settings: RouterSettings, *, bind: str | None = None) -> 
     # loops keep retrying (gateways keep their last table meanwhile).
     registry = Registry(aioredis.Redis.from_url(url), settings.key_prefix)
     service = RouterService(settings, registry)
-    host = ServiceHost("router", settings)
+    interceptors: list[ApiKeyInterceptor] = []
+    if required is not None:
+        interceptors.append(ApiKeyInterceptor(Authenticator(registry, required=required), KEY_RULES))
+    host = ServiceHost("router", settings, interceptors=interceptors)
     router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(service), host.server)
     host.add_service(ROUTER_SERVICE)
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), host.server)
     host.add_service(REGISTRY_SERVICE)
     try:
         await service.start()
-        await host.start(bind or settings.bind)
+        await host.start(bind)
     except BaseException:
         await service.stop()
         await registry.close()
         if embedded is not None:
             embedded.stop()
         raise
+    log.info(
+        "router API keys on %s: %s",
+        host.address,
+        {None: "disabled", True: "required", False: "optional"}[required],
+    )
     return RouterApp(settings, host, service, registry, embedded)

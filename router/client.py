@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 import grpc.aio
@@ -17,12 +17,16 @@ from mesh_pb import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
 
 class RouteWatcher:
     """Subscribes to `RouterService.WatchRoutes`; calls `on_table(table)` for every table received.
 
     While the router is unreachable nothing is called, so the consumer (the gateway's Picker) keeps
-    serving from its last table; the watcher reconnects with jittered exponential backoff."""
+    serving from its last table; the watcher reconnects with jittered exponential backoff. `metadata`
+    goes with every WatchRoutes call (e.g. `mesh.auth.bearer_metadata(key)` for a router requiring keys).
+    """
 
     def __init__(
         self,
@@ -31,6 +35,7 @@ class RouteWatcher:
         *,
         subscriber: str = "",
         settings: MeshSettings | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 2.0,
     ) -> None:
@@ -38,6 +43,7 @@ class RouteWatcher:
         self.on_table = on_table
         self.subscriber = subscriber
         self.settings = settings
+        self.metadata = tuple(metadata)
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.last_table: router_pb2.RouteTable | None = None
@@ -91,20 +97,27 @@ class RouteWatcher:
         self._channel = open_channel(self.address, self.settings)
         stub = router_pb2_grpc.RouterServiceStub(self._channel)
         request = router_pb2.WatchRoutesRequest(subscriber=self.subscriber)
+        refused: grpc.StatusCode | None = None
         while True:
             try:
-                call = stub.WatchRoutes(request)
+                call = stub.WatchRoutes(request, metadata=self.metadata)
                 async for table in call:
                     if not self.connected:
                         log.info("following routes from %s", self.address)
                     self.connected = True
+                    refused = None
                     delay = self.backoff_initial_s
                     self._deliver(table)
                 log.info("route stream from %s ended; reconnecting", self.address)
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as err:
-                if self.connected:
+                if err.code() in _REFUSED:
+                    # A wrong or missing key does not fix itself: say so once, at warning level.
+                    if refused != err.code():
+                        log.warning("router %s refused the route stream: %s", self.address, err.details())
+                    refused = err.code()
+                elif self.connected:
                     log.warning(
                         "route stream from %s lost: %s; keeping the last table", self.address, err.code()
                     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic_settings import SettingsConfigDict
 
 from mesh.settings import MeshSettings
@@ -14,6 +16,13 @@ class RouterSettings(MeshSettings):
 
     bind: str = "127.0.0.1:8101"
     """host:port of the router's gRPC server (RouterService, RegistryService, health)."""
+
+    auth_mode: Literal["auto", "required", "optional", "disabled"] = "auto"
+    """API keys on RegistryService and RouterService (health and reflection stay open): "auto" =
+    required when `bind` is not a loopback address, optional on loopback; "required"; "optional" (a key
+    that is sent must be valid); "disabled" (no checks, even on a public address: an explicit opt-out).
+    RegistryService and Place need the admin role; WatchRoutes takes any valid key (gateways send
+    MAAS_GATEWAY_ROUTER_API_KEY)."""
 
     metrics_port: int = 0
     """Port of the Prometheus metrics HTTP server; 0 = no metrics server."""

@@ -11,7 +11,9 @@ from mesh.cli.common import console, open_registry, run
 from mesh.errors import InvalidArgument
 from mesh_pb import registry_pb2
 
-app = typer.Typer(help="API keys for the gateway.", no_args_is_help=True)
+app = typer.Typer(
+    help="API keys for the gateway and the router (written to the registry directly).", no_args_is_help=True
+)
 RedisOpt = Annotated[
     str | None, typer.Option("--redis-url", help="Registry URL (default: MAAS_REDIS_URL or the local stack).")
 ]
