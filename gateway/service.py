@@ -30,10 +30,11 @@ from mesh.errors import (
     ModelNotFound,
     NotFound,
     Unavailable,
+    error_for_code,
     from_rpc_error,
 )
 from mesh.logging import request_id_var
-from mesh.server import REQUEST_ID_KEY, open_channel
+from mesh.server import GRPC_ERROR_KEY, REQUEST_ID_KEY, grpc_error_mode, open_channel
 from mesh.v2 import config_pb, pb, pb_grpc
 from mesh_pb import common_pb2, router_pb2
 from router.picker import Endpoint, Picker, VersionInfo
@@ -62,6 +63,7 @@ _STATE_TEXT = {
     common_pb2.RETIRED: ("UNAVAILABLE", "retired"),
 }
 _STREAM_DONE = object()
+
 
 Metadata = Iterable[tuple[str, Any]] | None
 PlaceFn = Callable[[router_pb2.PlaceRequest, float], Awaitable[router_pb2.PlaceResponse]]
@@ -150,9 +152,16 @@ class _StreamUpstream:
     """One upstream ModelStreamInfer call to one worker, on behalf of one client stream."""
 
     def __init__(
-        self, address: str, call: Any, out: asyncio.Queue[Any], picker: Picker, eject_s: float
+        self,
+        address: str,
+        call: Any,
+        out: asyncio.Queue[Any],
+        picker: Picker,
+        eject_s: float,
+        grpc_error: bool = False,
     ) -> None:
         self.address = address
+        self.grpc_error = grpc_error
         self.call = call
         self.out = out
         self.picker = picker
@@ -194,6 +203,9 @@ class _StreamUpstream:
                 await self.out.put(response)
         except grpc.aio.AioRpcError as exc:
             self.broken = exc.details() or exc.code().name
+            if self.grpc_error and exc.code() not in _RETRY_ELSEWHERE:
+                # The worker ended the stream with a request's real status (triton_grpc_error mode).
+                await self.out.put(error_for_code(exc.code(), exc.details() or exc.code().name))
         finally:
             # Requests still waiting for a final answer: sent again elsewhere when nothing of them came back
             # yet (once), otherwise answered with an error, so clients never wait forever.
@@ -467,7 +479,12 @@ class GatewayService:
         upstreams: dict[str, _StreamUpstream] = {}
         affinity: dict[str, _StreamUpstream] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
-        rid_metadata = ((REQUEST_ID_KEY, request_id_var.get()),)
+        # `triton_grpc_error: true`: the first failed request ends the stream with its real status code
+        # (the worker is asked for the same), instead of an error_message response on an open stream.
+        grpc_error = grpc_error_mode(metadata)
+        rid_metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, request_id_var.get()),)
+        if grpc_error:
+            rid_metadata += ((GRPC_ERROR_KEY, "true"),)
         STREAMS.inc()
 
         async def pump() -> None:
@@ -478,6 +495,9 @@ class GatewayService:
                             request, principal, upstreams, affinity, deadline, rid_metadata, out
                         )
                     except MeshError as exc:
+                        if grpc_error:
+                            await out.put(exc)
+                            return
                         await out.put(_stream_error(request.id, f"{exc.code.name}: {exc.message}"))
             finally:
                 for up in list(upstreams.values()):
@@ -504,7 +524,11 @@ class GatewayService:
                         if pumper.done():  # the client already half-closed: so does this new upstream
                             await up.close_writing()
                     except MeshError as exc:
+                        if grpc_error:
+                            raise
                         yield _stream_error(item.request.id, f"{exc.code.name}: {exc.message}")
+                elif isinstance(item, MeshError):
+                    raise item
                 else:
                     yield item
             error = pumper.exception() if pumper.done() and not pumper.cancelled() else None
@@ -549,7 +573,9 @@ class GatewayService:
             if up is None or up.reader.done():
                 remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
                 call = self._stub(ep.address).ModelStreamInfer(timeout=remaining, metadata=rid_metadata)
-                up = _StreamUpstream(ep.address, call, out, picker, self._eject_s)
+                up = _StreamUpstream(
+                    ep.address, call, out, picker, self._eject_s, (GRPC_ERROR_KEY, "true") in rid_metadata
+                )
                 upstreams[ep.address] = up
                 await out.put(up)  # counts one more producer for the response loop
         if request.id:

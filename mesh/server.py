@@ -8,7 +8,7 @@ import itertools
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,19 @@ def bounded_message(message: str) -> str:
     if len(message) <= MAX_ERROR_DETAILS:
         return message
     return message[:MAX_ERROR_DETAILS] + f"... ({len(message) - MAX_ERROR_DETAILS} more characters)"
+
+
+GRPC_ERROR_KEY = "triton_grpc_error"
+
+
+def grpc_error_mode(metadata: Iterable[tuple[str, Any]] | None) -> bool:
+    """Whether a stream was opened with `triton_grpc_error: true`: its first failed request then ends it
+    with the real status code, instead of an error_message response on a stream that stays open."""
+    for key, value in metadata or ():
+        if key == GRPC_ERROR_KEY:
+            text = value if isinstance(value, str) else bytes(value).decode("ascii", "replace")
+            return text.strip().lower() == "true"
+    return False
 
 
 # Request ids minted here: a random per-process prefix and a counter (unique, and no syscall per request).

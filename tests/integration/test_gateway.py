@@ -256,6 +256,29 @@ async def test_stream_passes_through_with_final_flags_and_errors(env: Env) -> No
     assert len(errors) == 1 and "no-such-model" in errors[0]
 
 
+async def test_stream_grpc_error_mode_ends_with_the_status(env: Env) -> None:
+    """`triton_grpc_error: true`: the first failed request ends the stream with its real status code."""
+
+    async def source() -> AsyncIterator[dict[str, object]]:
+        x = pixels(1)
+        yield {"model_name": "digits", "inputs": [digits_input(x)], "request_id": "ok"}
+        await asyncio.sleep(0.5)  # "ok" answers before the failing request arrives
+        yield {"model_name": "no-such-model", "inputs": [digits_input(x)], "request_id": "bad"}
+        await asyncio.sleep(30)  # the server ends the stream; this request is never sent
+
+    got: list[tuple[object, object]] = []
+
+    async def run() -> None:
+        async for result, error in env.client.stream_infer(source(), headers={"triton_grpc_error": "true"}):
+            got.append((result, error))
+
+    # tritonclient's aio stream raises the call's status (its sync client passes it to the callback).
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.wait_for(run(), 20)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-model" in str(info.value.details())
+    assert len(got) == 1 and got[0][1] is None  # "ok" was answered before the stream ended
+
+
 async def test_canary_split_is_weighted_and_sticky(env: Env) -> None:
     c1, c2 = env.canary
     picker = env.stack.gateway.picker
