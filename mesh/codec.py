@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -16,6 +16,8 @@ from mesh_pb import common_pb2
 __all__ = [
     "DATATYPES",
     "MAX_ELEMENTS",
+    "MAX_PARAMETERS",
+    "MAX_PARAMETER_KEY",
     "InputSpecs",
     "bf16_to_float32",
     "decode_request",
@@ -27,6 +29,7 @@ __all__ = [
     "encode_tensor",
     "float32_to_bf16",
     "numpy_to_datatype",
+    "request_priority",
     "serialize_bytes",
     "validate_request",
 ]
@@ -37,6 +40,13 @@ NamedArrays: TypeAlias = Mapping[str, np.ndarray] | Sequence[tuple[Any, ...]]
 
 # Largest element count a request tensor may declare; checked before anything of that size is allocated.
 MAX_ELEMENTS = 2**31
+
+# Bounds on every parameters map (the request's, each input's, each requested output's): each entry is
+# checked on every request, so a client must not be able to make that work unbounded.
+MAX_PARAMETERS = 64
+"""Most entries one parameters map may hold."""
+MAX_PARAMETER_KEY = 256
+"""Longest parameter key, in characters."""
 
 # Explicit little-endian dtypes: the wire is little-endian whatever the host is.
 DATATYPES: Mapping[str, np.dtype[Any]] = {
@@ -78,7 +88,6 @@ _TYPED_FIELD: Mapping[str, str] = {
     "BYTES": "bytes_contents",
 }
 _CONTENTS_FIELDS = tuple(pb.InferTensorContents.DESCRIPTOR.fields_by_name)
-_SHM_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 _LEN = struct.Struct("<I")
 _MAX_BYTES_ELEMENT = 2**32 - 1
 
@@ -220,10 +229,6 @@ def _has_typed(tensor: InputTensor) -> bool:
     return tensor.HasField("contents") and bool(tensor.contents.ListFields())
 
 
-def _is_shared_memory(tensor: InputTensor) -> bool:
-    return any(p in tensor.parameters for p in _SHM_PARAMS)
-
-
 def _decode_typed(tensor: InputTensor, datatype: str, dims: list[int], count: int, field: str) -> np.ndarray:
     dtype = DATATYPES[datatype]
     wanted = _TYPED_FIELD.get(datatype)
@@ -313,9 +318,8 @@ def _pair_inputs(request: pb.ModelInferRequest) -> list[tuple[int, InputTensor, 
         if tensor.name in seen:
             raise InvalidArgument(f"{field}.name: duplicate input (also inputs[{seen[tensor.name]}])")
         seen[tensor.name] = i
-        if _is_shared_memory(tensor):
-            # Shared memory is not served (no region can be registered), like an unknown region in Triton.
-            raise InvalidArgument(f"{field}.parameters: shared-memory inputs are not supported")
+        if tensor.parameters:
+            _check_parameter_map(tensor.parameters, f"inputs[{i}].parameters", _TENSOR_PARAMETERS)
         if n_raw:
             paired.append((i, tensor, next_raw))
             next_raw += 1
@@ -376,6 +380,8 @@ def validate_request(
 
     ``inputs`` shapes include the batch dimension when ``max_batch_size > 0``; -1 matches any size.
     ``inputs`` may be an :class:`InputSpecs` built once per signature (the hot path's form).
+    The request's, each input's and each requested output's ``parameters`` are checked as
+    :func:`check_parameters` describes.
     """
     specs = inputs if isinstance(inputs, InputSpecs) else InputSpecs(inputs)
     by_name = specs.by_name
@@ -449,35 +455,125 @@ def validate_request(
         missing = [name for name in required if name not in present]
     if missing:
         raise InvalidArgument(f"inputs: missing required input(s) {', '.join(repr(n) for n in missing)}")
+    for j, wanted in enumerate(request.outputs):
+        if wanted.parameters:
+            _check_parameter_map(wanted.parameters, f"outputs[{j}].parameters", _OUTPUT_PARAMETERS)
     if request.parameters:
         check_parameters(request.parameters)
 
 
-# Request parameters with a fixed meaning in the v2/Triton protocol, and the kinds each may carry.
-_RESERVED_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "priority": ("int64_param", "uint64_param"),
-    "timeout": ("int64_param",),
-    "sequence_id": ("int64_param", "string_param"),
-    "sequence_start": ("bool_param",),
-    "sequence_end": ("bool_param",),
-    "triton_enable_empty_final_response": ("bool_param",),
+# ---------------------------------------------------------------------------------------------------------
+# Parameters
+
+# A reserved key's extra rule, run once its kind is right; raises InvalidArgument naming `field`.
+_Rule = Callable[[pb.InferParameter, str], None]
+
+
+def _non_negative(param: pb.InferParameter, field: str) -> None:
+    if param.WhichOneof("parameter_choice") == "int64_param" and param.int64_param < 0:
+        raise InvalidArgument(f"{field}: must be >= 0, got {param.int64_param}")
+
+
+def _no_shared_memory(param: pb.InferParameter, field: str) -> None:
+    # No region can be registered (the shared-memory RPCs answer UNIMPLEMENTED), so any region a request
+    # names is unknown, as Triton refuses an unregistered one.
+    raise InvalidArgument(
+        f"{field}: shared-memory tensors are not supported; send data in raw_input_contents "
+        "(outputs always come back in raw_output_contents)"
+    )
+
+
+def _no_classification(param: pb.InferParameter, field: str) -> None:
+    if param.int64_param <= 0:
+        raise InvalidArgument(f"{field}: must be > 0 (the top-k count), got {param.int64_param}")
+    raise InvalidArgument(
+        f"{field}: classification outputs are not supported; request the tensor itself and take its top-k"
+    )
+
+
+# Keys with a fixed meaning in the v2/Triton protocol: the kinds each may carry, and any further rule.
+# Every other key is a user parameter (accepted, not interpreted) unless it starts with "triton_".
+_REQUEST_PARAMETERS: dict[str, tuple[tuple[str, ...], _Rule | None]] = {
+    # Lower value = served first by the dynamic batcher; 0 = the model's default (see request_priority).
+    "priority": (("int64_param", "uint64_param"), _non_negative),
+    "timeout": (("int64_param",), _non_negative),
+    "sequence_id": (("int64_param", "string_param"), None),
+    "sequence_start": (("bool_param",), None),
+    "sequence_end": (("bool_param",), None),
+    "triton_enable_empty_final_response": (("bool_param",), None),
+}
+# Per input and per requested output. binary_data (bool) and binary_data_size (int64) are the HTTP
+# binary-tensor extension's hints; over gRPC tensors are always binary (raw contents), so a client that
+# sends them anyway is accepted and the hints are ignored once their kind is checked.
+_TENSOR_PARAMETERS: dict[str, tuple[tuple[str, ...], _Rule | None]] = {
+    "shared_memory_region": (("string_param",), _no_shared_memory),
+    "shared_memory_byte_size": (("int64_param",), _no_shared_memory),
+    "shared_memory_offset": (("int64_param",), _no_shared_memory),
+    "binary_data": (("bool_param",), None),
+    "binary_data_size": (("int64_param",), _non_negative),
+}
+_OUTPUT_PARAMETERS: dict[str, tuple[tuple[str, ...], _Rule | None]] = {
+    **_TENSOR_PARAMETERS,
+    # Triton's top-k classification output ("<value>:<index>[:<label>]" BYTES): not served here.
+    "classification": (("int64_param",), _no_classification),
 }
 
 
-def check_parameters(parameters: Mapping[str, pb.InferParameter]) -> None:
-    """Refuses unknown ``triton_*`` keys and reserved keys of the wrong kind or sign."""
+def _check_parameter_map(
+    parameters: Mapping[str, pb.InferParameter],
+    field: str,
+    reserved: Mapping[str, tuple[tuple[str, ...], _Rule | None]],
+) -> None:
+    n = len(parameters)
+    if n > MAX_PARAMETERS:
+        raise InvalidArgument(f"{field}: {n} entries; at most {MAX_PARAMETERS} are accepted")
     for key, param in parameters.items():
-        field = f"parameters[{key!r}]"
-        kind = param.WhichOneof("parameter_choice")
-        allowed = _RESERVED_PARAMETERS.get(key)
-        if allowed is None:
+        if len(key) > MAX_PARAMETER_KEY:
+            raise InvalidArgument(
+                f"{field}: key {key[:32]!r}... has {len(key)} characters; at most {MAX_PARAMETER_KEY}"
+            )
+        entry = reserved.get(key)
+        if entry is None:
             if key.startswith("triton_"):
-                raise InvalidArgument(f"{field}: parameter keys starting with 'triton_' are reserved")
+                raise InvalidArgument(
+                    f"{field}[{key!r}]: parameter keys starting with 'triton_' are reserved"
+                )
             continue
+        allowed, rule = entry
+        kind = param.WhichOneof("parameter_choice")
         if kind not in allowed:
-            raise InvalidArgument(f"{field}: must be {' or '.join(allowed)}, got {kind or 'no value'}")
-        if kind == "int64_param" and key in ("priority", "timeout") and param.int64_param < 0:
-            raise InvalidArgument(f"{field}: must be >= 0, got {param.int64_param}")
+            raise InvalidArgument(
+                f"{field}[{key!r}]: must be {' or '.join(allowed)}, got {kind or 'no value'}"
+            )
+        if rule is not None:
+            rule(param, f"{field}[{key!r}]")
+
+
+def check_parameters(parameters: Mapping[str, pb.InferParameter]) -> None:
+    """Checks request-level parameters: at most MAX_PARAMETERS keys of at most MAX_PARAMETER_KEY
+    characters; reserved keys of the right kind and sign; no unknown ``triton_*`` key.
+
+    validate_request applies the same bounds to each input's and each requested output's parameters,
+    where the reserved keys are shared_memory_region/_byte_size/_offset (refused: no shared memory),
+    binary_data/binary_data_size (HTTP hints, accepted and ignored) and, on outputs, classification
+    (refused: top-k outputs are not served). Other keys are user parameters, accepted as they are.
+    """
+    _check_parameter_map(parameters, "parameters", _REQUEST_PARAMETERS)
+
+
+def request_priority(request: pb.ModelInferRequest) -> int:
+    """The request's ``priority`` parameter (int64 or uint64; validate_request has checked it), 0 when
+    absent: 0 means the model's default level, otherwise a lower value is served first."""
+    parameters = request.parameters
+    if not parameters or "priority" not in parameters:
+        return 0
+    param = parameters["priority"]
+    kind = param.WhichOneof("parameter_choice")
+    if kind == "uint64_param":
+        return int(param.uint64_param)
+    if kind == "int64_param":
+        return max(0, int(param.int64_param))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------

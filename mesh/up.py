@@ -349,6 +349,11 @@ class Stack:
         return addresses
 
     def start_gateway(self) -> str:
+        self.gateway = self.spawn_gateway()
+        return self.gateway.address
+
+    def spawn_gateway(self, extra_env: dict[str, str] | None = None) -> Child:
+        """Starts a gateway (another one too: benchmarks compare settings side by side) and waits for it."""
         cfg = self.config
         assert self.router is not None
         env = {
@@ -358,8 +363,9 @@ class Stack:
             "MAAS_GATEWAY_METRICS_PORT": str(0 if cfg.ephemeral else cfg.metrics_port),
             "MAAS_GATEWAY_ROUTER_ADDRESS": self.router.address,
         }
-        self.gateway = self._spawn("gateway", "gateway", self._env("gateway", env))
-        return self._await_child(self.gateway, env["MAAS_GATEWAY_BIND"])
+        child = self._spawn("gateway", "gateway", {**self._env("gateway", env), **(extra_env or {})})
+        self._await_child(child, env["MAAS_GATEWAY_BIND"])
+        return child
 
     def start_compressor(self) -> str:
         cfg = self.config

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,9 @@ log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
 # Forward passes a version must have run (in a compute thread) before it may run on the event loop.
 _INLINE_MIN_SAMPLES = 8
+# Queue level of default-priority requests when no default_priority_level is set: after every level a
+# request can name (priorities are uint64 on the wire).
+_LAST_LEVEL = 2**64
 RunFn = Callable[[Mapping[str, np.ndarray]], Arrays]
 
 
@@ -46,6 +51,12 @@ class BatchingPolicy:
     hand-off costs about 0.1 ms of CPU, as much as a small model's whole forward pass); with no queue
     delay, a request that finds the batcher idle then runs at once, without waking the queue's loop.
     0 = always a compute thread."""
+    priority_levels: int = 0
+    """Priority levels 1..N a request may name (its ``priority`` parameter; lower = served first); a
+    priority above N gets the default level, as in Triton. 0 = no bound: every priority >= 1 is a level."""
+    default_priority_level: int = 0
+    """Level of requests with priority 0 (none given) or above priority_levels; 0 = after every level,
+    so any request that names a priority is served before those that do not."""
 
     @property
     def merges(self) -> bool:
@@ -94,6 +105,8 @@ class _Item:
     enqueued_ns: int
     timer: asyncio.TimerHandle | None = None
     taken: bool = False
+    # Queue position: (priority level, arrival number); the queue is kept sorted by it.
+    order: tuple[int, int] = (0, 0)
 
 
 class BatchObserver:
@@ -110,7 +123,11 @@ def _merge_key(inputs: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
 class DynamicBatcher:
     """Queues requests of one version and runs them in merged batches on an executor thread.
 
-    Each request's deadline is honoured while it waits (it leaves with DeadlineExceeded); a cancelled
+    Queued requests are taken by priority level (lower first), in arrival order within a level; a batch
+    starts from the first queued request and fills with compatible ones in that same order. Priority is
+    strict, as in Triton: under a steady stream of higher-priority requests lower ones wait (their
+    deadlines still apply). The max queue delay counts from the oldest queued request. Each
+    request's deadline is honoured while it waits (it leaves with DeadlineExceeded); a cancelled
     request leaves the queue at once; a full queue refuses new requests with ResourceExhausted. When a
     merged batch fails, its requests are retried one by one so that one bad request fails alone.
     """
@@ -143,6 +160,11 @@ class DynamicBatcher:
         self._early = min(max(policy.preferred_batch_sizes), limit) if policy.preferred_batch_sizes else limit
         self._limit = limit
         self._preferred = sorted(p for p in policy.preferred_batch_sizes if 0 < p <= limit)
+        levels, default = policy.priority_levels, policy.default_priority_level
+        if levels < 0 or default < 0 or (levels and default > levels):
+            raise ValueError(f"priority: default level {default} outside levels 1..{levels}")
+        self._default_level = default or _LAST_LEVEL
+        self._arrivals = itertools.count()
         # Moving average of the forward pass (ns) and how many passes it has seen: cheap versions run
         # on the event loop when idle (see BatchingPolicy.inline_compute_us).
         self._inline_ns = policy.inline_compute_us * 1000
@@ -162,8 +184,14 @@ class DynamicBatcher:
         for i in range(max(1, self.policy.instances)):
             self._tasks.append(asyncio.create_task(self._loop(), name=f"batcher-{self.name}-{i}"))
 
-    async def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> Arrays:
-        """Runs one request (possibly merged with others); `deadline` is in loop.time() seconds."""
+    async def submit(
+        self, inputs: Mapping[str, np.ndarray], deadline: float | None = None, priority: int = 0
+    ) -> Arrays:
+        """Runs one request (possibly merged with others); `deadline` is in loop.time() seconds.
+
+        `priority` is the request's v2 ``priority`` parameter: 0 = the default level, otherwise a lower
+        value is taken from the queue first (see BatchingPolicy.priority_levels).
+        """
         if self._closed:
             raise Unavailable(f"model '{self.name}' is unloading")
         policy = self.policy
@@ -193,10 +221,15 @@ class DynamicBatcher:
             _merge_key(inputs) if policy.merges else (),
             loop.create_future(),
             time.monotonic_ns(),
+            order=(self._level(priority) if priority else self._default_level, next(self._arrivals)),
         )
         if deadline is not None:
             item.timer = loop.call_at(deadline, self._expire, item)
-        self._queue.append(item)
+        queue = self._queue
+        if not queue or queue[-1].order <= item.order:
+            queue.append(item)  # the usual case: one level, or not ahead of the last request
+        else:
+            self._insert(item)
         self._idle.clear()
         self._wakeup.set()
         try:
@@ -227,6 +260,24 @@ class DynamicBatcher:
         self._idle.set()
 
     # -- queue management --------------------------------------------------------------------------------
+
+    def _level(self, priority: int) -> int:
+        if priority < 0:
+            raise InvalidArgument(f"priority: must be >= 0, got {priority}")
+        levels = self.policy.priority_levels
+        if priority == 0 or (levels and priority > levels):
+            return self._default_level
+        return priority
+
+    def _insert(self, item: _Item) -> None:
+        """Puts a request ahead of every queued one of a later level (after its own level's)."""
+        queue = self._queue
+        at = len(queue)
+        for other in reversed(queue):
+            if other.order <= item.order:
+                break
+            at -= 1
+        queue.insert(at, item)
 
     def _drop(self, item: _Item) -> None:
         if item.timer is not None:
@@ -304,9 +355,11 @@ class DynamicBatcher:
                 if running in self._preferred:
                     cut = i + 1
             if cut:
-                for it in reversed(batch[cut:]):
+                back = batch[cut:]
+                for it in back:
                     it.taken = False
-                    self._queue.appendleft(it)
+                # Back in their places (a skipped incompatible request may have been ahead of them).
+                self._queue = deque(sorted((*back, *self._queue), key=attrgetter("order")))
                 batch = batch[:cut]
         return batch
 
@@ -318,7 +371,9 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 continue
             if self._delay_s > 0 and self._pending_size() < self._early:
-                dispatch_at = self._queue[0].enqueued_ns / 1e9 + self._delay_s
+                # The oldest request sets the dispatch time (with priorities it need not be the first).
+                oldest = min(it.enqueued_ns for it in self._queue)
+                dispatch_at = oldest / 1e9 + self._delay_s
                 wait = dispatch_at - time.monotonic()
                 if wait > 0:
                     # One timer per batch; the batch goes when it fires. Re-arming until the clock agrees

@@ -239,15 +239,20 @@ class ModelManager:
     # -- inference ---------------------------------------------------------------------------------------
 
     async def infer(
-        self, sv: ServedVersion, inputs: Mapping[str, np.ndarray], deadline: float | None = None
+        self,
+        sv: ServedVersion,
+        inputs: Mapping[str, np.ndarray],
+        deadline: float | None = None,
+        priority: int = 0,
     ) -> Arrays:
-        """One request through the version's dynamic batcher."""
+        """One request through the version's dynamic batcher; `priority` is the request's v2 ``priority``
+        parameter (0 = default level; lower values are taken from the queue first)."""
         if sv.decoupled:
             raise InvalidArgument(f"model '{sv.name}' is decoupled: call it with ModelStreamInfer")
         sv.last_used_ms = _now_ms()
         sv.requests_metric.inc()
         try:
-            return await sv.batcher.submit(inputs, deadline)
+            return await sv.batcher.submit(inputs, deadline, priority)
         except BaseException:
             sv.failures_metric.inc()
             raise

@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 
 from mesh import codec
-from mesh.errors import InvalidArgument, MeshError, ModelNotFound, NotFound
+from mesh.errors import Internal, InvalidArgument, MeshError, ModelNotFound, NotFound
 from mesh.logging import request_id_var
-from mesh.server import bounded_message
+from mesh.server import bounded_message, grpc_error_mode
 from mesh.v2 import config_pb, pb, pb_grpc
 from mesh_pb import common_pb2, worker_pb2, worker_pb2_grpc
 from workers.batcher import Duration, VersionStats
@@ -281,21 +281,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except MeshError:
             manager.count_failure(sv, time.monotonic_ns())
             raise
-        outputs = await manager.infer(sv, inputs, deadline)
+        outputs = await manager.infer(sv, inputs, deadline, codec.request_priority(request))
         return codec.encode_response(_response(sv, request), _select_outputs(sv, request, outputs))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently; responses leave as they are ready; the stream ends after the client
-        half-closes and every request it sent has answered."""
+        half-closes and every request it sent has answered. With the `triton_grpc_error: true` header the
+        first failed request ends the stream with its status code instead of an error_message response."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
+        grpc_error = grpc_error_mode(context.invocation_metadata())
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    task = asyncio.create_task(self._stream_one(request, queue.put_nowait))
+                    task = asyncio.create_task(self._stream_one(request, queue.put_nowait, grpc_error))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 while tasks:
@@ -322,7 +324,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _stream_one(
-        self, request: pb.ModelInferRequest, send: Callable[[pb.ModelStreamInferResponse], None]
+        self, request: pb.ModelInferRequest, send: Callable[[Any], None], grpc_error: bool = False
     ) -> None:
         sv: ServedVersion | None = None
         try:
@@ -337,7 +339,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self.manager.count_failure(sv, time.monotonic_ns())
                 raise
             if not sv.decoupled:
-                outputs = await self.manager.infer(sv, inputs, deadline)
+                outputs = await self.manager.infer(sv, inputs, deadline, codec.request_priority(request))
                 resp = codec.encode_response(_response(sv, request), _select_outputs(sv, request, outputs))
                 resp.parameters[FINAL].bool_param = True
                 send(pb.ModelStreamInferResponse(infer_response=resp))
@@ -369,6 +371,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 log.error("stream request %r failed", request.id, exc_info=exc)
                 message = f"internal error: {type(exc).__name__}: {exc}"
+            if grpc_error:  # ends the stream with this status (the output loop raises it)
+                send(exc if isinstance(exc, MeshError) else Internal(message))
+                return
             err = pb.ModelInferResponse(id=request.id, model_name=request.model_name)
             if sv is not None:
                 err.model_version = sv.version_str

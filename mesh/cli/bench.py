@@ -541,10 +541,15 @@ def all_(
             gateway_url, worker_url = url, direct_url
         echo_child = procs.start_echo(sink)
         pids: dict[str, int] = {}
+        unary: tuple[str, dict[str, int]] | None = None
         if stack is not None:
             pids = {"worker": stack.workers[0].pid}
             if stack.gateway is not None:
                 pids["gateway"] = stack.gateway.pid
+                # A second gateway that makes one v2 ModelInfer call per request (the multiplexed
+                # stream off): what the stream saves, measured side by side.
+                second = stack.spawn_gateway({"MAAS_GATEWAY_UPSTREAM": "unary"})
+                unary = (second.address, {"gateway": second.pid, "worker": stack.workers[0].pid})
         # (scenario, target label, url, workload, processes whose CPU is counted) per concurrency.
         from mesh.benchtools.loadgen import PointSummary
 
@@ -559,6 +564,16 @@ def all_(
                     ("direct", "worker", worker_url, "digits", {"worker": pids["worker"]} if pids else {})
                 )
             scenarios.append(("gateway", "gateway → worker", gateway_url, "digits", pids))
+            if unary is not None and c in (1, max(sweep_c)):
+                scenarios.append(
+                    (
+                        "gateway-unary",
+                        "gateway → worker, one v2 call per request",
+                        unary[0],
+                        "digits",
+                        unary[1],
+                    )
+                )
             points: dict[str, list[PointSummary]] = {name: [] for name, *_ in scenarios}
             # Runs interleaved (echo, direct, gateway, echo, ...) so that a burst of other work on the
             # machine lands on every scenario alike; the median of each point is reported.
@@ -571,7 +586,7 @@ def all_(
                             c,
                             duration,
                             warmup,
-                            token=token if name == "gateway" else None,
+                            token=token if name.startswith("gateway") else None,
                             pids=own,
                             label=f"{workload} {name}",
                             console=console,

@@ -234,6 +234,34 @@ async def test_streaming_decoupled(
     assert sum(len(t) for t in texts) == 10
 
 
+def _grpc_error_stream(address: str) -> list[InferenceServerException | None]:
+    """A sync-client stream opened with `triton_grpc_error: true`: a good request, then a bad one."""
+    got: queue.Queue[InferenceServerException | None] = queue.Queue()
+    client = tc.InferenceServerClient(address)
+    try:
+        client.start_stream(
+            callback=lambda result, error: got.put(error), headers={"triton_grpc_error": "true"}
+        )
+        client.async_stream_infer("mlp", [infer_input(pixels(1))], request_id="ok")
+        first = got.get(timeout=20)
+        client.async_stream_infer("mlp", [infer_input(pixels(1), name="nope")], request_id="bad")
+        second = got.get(timeout=20)
+        client.stop_stream()  # the server already ended the stream: must not hang
+    finally:
+        client.close()
+    return [first, second]
+
+
+async def test_stream_grpc_error_mode(
+    worker: WorkerApp, store: ArtifactStore, artifacts: dict[str, Path]
+) -> None:
+    await worker.manager.load(mlp_record(store, artifacts["mlp"], delay_us=0))
+    first, second = await asyncio.wait_for(asyncio.to_thread(_grpc_error_stream, worker.address), 60)
+    assert first is None
+    assert isinstance(second, InferenceServerException)
+    assert second.status() == "StatusCode.INVALID_ARGUMENT" and "nope" in str(second.message())
+
+
 async def test_decoupled_model_refuses_unary(
     worker: WorkerApp, store: ArtifactStore, artifacts: dict[str, Path]
 ) -> None:
@@ -357,3 +385,41 @@ async def test_lru_eviction_and_control(store: ArtifactStore, artifacts: dict[st
                 await client.close()
     finally:
         await app.stop(drain=False)
+
+
+async def test_priority_parameter_and_output_parameters(
+    worker: WorkerApp, store: ArtifactStore, artifacts: dict[str, Path]
+) -> None:
+    """tritonclient's priority= reaches the batcher (unary and stream); a classification output is refused."""
+    await worker.manager.load(mlp_record(store, artifacts["mlp"], delay_us=5_000))
+    x = pixels(2)
+    sync = tc.InferenceServerClient(worker.address)
+    try:
+        r = await asyncio.to_thread(sync.infer, "mlp", [infer_input(x)], priority=1)
+        np.testing.assert_allclose(r.as_numpy("logits"), reference(x), rtol=1e-5, atol=1e-5)
+    finally:
+        sync.close()
+    client = tca.InferenceServerClient(worker.address)
+    try:
+        xs = [pixels(1 + i % 3, seed=i) for i in range(12)]
+        results = await asyncio.gather(
+            *(client.infer("mlp", [infer_input(x)], priority=i % 3) for i, x in enumerate(xs))
+        )
+        for xi, ri in zip(xs, results, strict=True):
+            np.testing.assert_allclose(ri.as_numpy("logits"), reference(xi), rtol=1e-5, atol=1e-5)
+
+        async def source() -> AsyncIterator[dict[str, object]]:
+            yield {"model_name": "mlp", "inputs": [infer_input(x)], "request_id": "p", "priority": 2}
+
+        streamed = [item async for item in client.stream_infer(source())]
+        assert len(streamed) == 1 and streamed[0][1] is None, streamed
+        np.testing.assert_allclose(streamed[0][0].as_numpy("logits"), reference(x), rtol=1e-5, atol=1e-5)
+
+        with pytest.raises(InferenceServerException) as err:
+            await client.infer(
+                "mlp", [infer_input(x)], outputs=[tca.InferRequestedOutput("logits", class_count=3)]
+            )
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "outputs[0].parameters['classification']" in err.value.message()
+    finally:
+        await client.close()

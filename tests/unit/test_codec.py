@@ -414,7 +414,7 @@ def test_shared_memory_input_is_refused_not_crashing() -> None:
     request = pb.ModelInferRequest(
         inputs=[a._get_tensor(), b._get_tensor()], raw_input_contents=[b._get_content()]
     )
-    raises_invalid("inputs[0] ('a').parameters: shared-memory", codec.decode_request, request)
+    raises_invalid("inputs[0].parameters['shared_memory_", codec.decode_request, request)
 
 
 # ---------------------------------------------------------------------------------------------------------
