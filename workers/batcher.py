@@ -236,7 +236,12 @@ class DynamicBatcher:
             return await item.future
         except asyncio.CancelledError:
             # A cancelled client frees its slot at once (its batch, if already running, finishes anyway).
+            queued = not item.taken
             self._drop(item)
+            if queued and deadline is not None and loop.time() >= deadline - 0.005:
+                # gRPC cancelled the call at its deadline just before the queue's own timer fired:
+                # the same expiry, counted as the same failure.
+                self.stats.fail.add(time.monotonic_ns() - item.enqueued_ns)
             raise
 
     async def drain(self, timeout_s: float | None = None) -> bool:

@@ -56,6 +56,17 @@ def _deadline(request: pb.ModelInferRequest, remaining: float | None) -> float |
     return asyncio.get_running_loop().time() + remaining
 
 
+async def _relay(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    """A stream handler's responses: what its tasks queue, until _END; a queued exception is raised."""
+    while True:
+        item = await queue.get()
+        if item is _END:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def _select_outputs(
     sv: ServedVersion, request: pb.ModelInferRequest, outputs: dict[str, Any]
 ) -> list[tuple[str, Any, str | None]]:
@@ -311,12 +322,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         reader = asyncio.create_task(read())
         try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in _relay(queue):
                 yield item
         finally:
             reader.cancel()
@@ -452,12 +458,7 @@ class WorkerInferenceServicer(worker_pb2_grpc.WorkerInferenceServicer):
         reader = asyncio.create_task(read())
         self._streams.add(results)
         try:
-            while True:
-                item = await results.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in _relay(results):
                 yield item
         finally:
             self._streams.discard(results)

@@ -3,6 +3,8 @@
 No interceptors, no batching, no model: ModelInfer copies each input to an output of the same name,
 shape and datatype. It answers the metadata calls tritonclient and perf_analyzer make for any model name.
 Run as ``python -m mesh.benchtools.echo --bind 127.0.0.1:0``; it prints ``PORT <n>`` once it listens.
+It also serves the mesh's multiplexed data path (maas.v1.WorkerInference), and with ``--proxy HOST:PORT``
+it becomes a bare proxy in front of another echo: the floor of what one Python gRPC hop costs.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import AsyncIterator
 
 import grpc
 import grpc.aio
 
 from mesh.server import GRPC_OPTIONS, install_uvloop
 from mesh.v2 import config_pb, pb, pb_grpc
+from mesh_pb import worker_pb2, worker_pb2_grpc
 
 ECHO_INPUT = "pixels"
 ECHO_SHAPE = (-1, 64)
@@ -76,18 +80,58 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        response = pb.ModelInferResponse(
-            model_name=request.model_name, model_version=request.model_version or "1", id=request.id
-        )
-        for tensor in request.inputs:
-            response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        response.raw_output_contents.extend(request.raw_input_contents)
-        return response
+        return _echo_response(request)
 
 
-async def serve(bind: str) -> None:
+def _echo_response(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version or "1", id=request.id
+    )
+    for tensor in request.inputs:
+        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+    response.raw_output_contents.extend(request.raw_input_contents)
+    return response
+
+
+class EchoFrames(worker_pb2_grpc.WorkerInferenceServicer):
+    """The mesh's multiplexed data path (maas.v1.WorkerInference), echoing each frame's request."""
+
+    async def Infer(
+        self, request_iterator: AsyncIterator[worker_pb2.InferFrame], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.InferResult]:
+        async for frame in request_iterator:
+            if frame.cancel:
+                continue
+            response = _echo_response(pb.ModelInferRequest.FromString(frame.request))
+            yield worker_pb2.InferResult(tag=frame.tag, response=response.SerializeToString())
+
+
+class ProxyServicer(EchoServicer):
+    """A bare proxy: ModelInfer goes to an upstream echo, with no validation, routing or metrics (the
+    rest is answered locally). What one Python gRPC hop costs by itself, with one v2 call per request
+    ("unary") or with requests multiplexed on one stream per upstream ("stream", as the gateway does)."""
+
+    def __init__(self, upstream: str, mode: str) -> None:
+        from gateway.upstream import WorkerLink
+
+        channel = grpc.aio.insecure_channel(upstream, options=GRPC_OPTIONS)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        self._link = WorkerLink(channel, upstream) if mode == "stream" else None
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        if self._link is None:
+            return await self._stub.ModelInfer(request)
+        data = await self._link.infer(request.SerializeToString(), None, "")
+        return pb.ModelInferResponse.FromString(data)
+
+
+async def serve(bind: str, proxy: str = "", upstream_mode: str = "stream") -> None:
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(), server)
+    servicer = ProxyServicer(proxy, upstream_mode) if proxy else EchoServicer()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    worker_pb2_grpc.add_WorkerInferenceServicer_to_server(EchoFrames(), server)
     port = server.add_insecure_port(bind)
     await server.start()
     print(f"PORT {port}", flush=True)
@@ -103,10 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bind", default="127.0.0.1:0")
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    parser.add_argument("--proxy", default="", help="forward ModelInfer to this echo (host:port) instead")
+    parser.add_argument("--upstream", choices=("stream", "unary"), default="stream", help="with --proxy")
     args = parser.parse_args(argv)
     if not args.no_uvloop:
         install_uvloop()
-    asyncio.run(serve(args.bind))
+    asyncio.run(serve(args.bind, args.proxy, args.upstream))
     return 0
 
 

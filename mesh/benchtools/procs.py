@@ -39,8 +39,16 @@ def _wait_line(child: Child, prefix: str, timeout_s: float, lines: list[str], ev
     return next(line for line in lines if line.startswith(prefix))
 
 
-def start_echo(sink: FileSink, *, python: str = sys.executable, timeout_s: float = 30.0) -> Child:
-    """The bare grpc.aio echo server (mesh.benchtools.echo) on a free port; child.address is set."""
+def start_echo(
+    sink: FileSink,
+    *,
+    python: str = sys.executable,
+    timeout_s: float = 30.0,
+    proxy: str = "",
+    upstream: str = "stream",
+) -> Child:
+    """The bare grpc.aio echo server (mesh.benchtools.echo) on a free port; child.address is set.
+    With `proxy` (an echo's address), a bare proxy in front of it instead (`upstream`: stream|unary)."""
     lines: list[str] = []
     seen = threading.Event()
 
@@ -50,7 +58,10 @@ def start_echo(sink: FileSink, *, python: str = sys.executable, timeout_s: float
             seen.set()
         sink(name, line)
 
-    child = Child("echo", [python, "-m", "mesh.benchtools.echo", "--bind", "127.0.0.1:0"], _env({}), capture)
+    argv = [python, "-m", "mesh.benchtools.echo", "--bind", "127.0.0.1:0"]
+    if proxy:
+        argv += ["--proxy", proxy, "--upstream", upstream]
+    child = Child(f"proxy-{upstream}" if proxy else "echo", argv, _env({}), capture)
     child.start()
     line = _wait_line(child, "PORT ", timeout_s, lines, seen)
     child.address = f"127.0.0.1:{int(line.split()[1])}"

@@ -49,26 +49,29 @@ concurrency 16 the throughput is roughly 1 / (total CPU per request). The "CPU p
 each run gives that split (user + system time of each process over the measured window, divided by the
 requests answered). What the parts cost, measured in-process while tuning:
 
-- **gRPC itself.** A bare grpc.aio v2 echo server spends about 0.25-0.4 ms of CPU per call, the
-  tritonclient aio client about 0.2-0.35 ms. A Python proxy hop (a server call plus a client call in
-  one process) costs about 0.5-0.75 ms of CPU, nearly all inside grpcio and the event loop: in py-spy
-  the gateway's own logic (auth, version resolution, validation, picking, metrics, coalescing) is
-  about 10-15% of its samples. That is why the gateway hop adds about 0.6-1.0 ms to p50 at
-  concurrency 1: the 0.5 ms goal is below what one Python gRPC hop costs on this machine, whatever
-  the gateway does per request.
-- **The worker on top of gRPC** (digits, batch 1): the forward pass of the exported MLP about
-  0.12-0.15 ms, decode + validate + encode about 0.02 ms, the error interceptor about 0.03 ms, the
-  batcher about 0.02 ms when the batch runs inline on the event loop (versions whose forward pass
-  averages under 0.5 ms of CPU, nothing else computing) against about 0.1 ms more for a hand-off to a
-  compute thread, plus the version's `max_queue_delay_us` (the digits demo: 100 µs) that a lone
-  request waits for company before it runs. So the worker sits about 0.4-0.55 ms above the echo
-  at concurrency 1; with `max_queue_delay_us=0` a lone request skips the queue entirely and the gap
-  measured about 0.1-0.2 ms smaller.
+- **gRPC itself.** A bare grpc.aio v2 echo server spends about 0.3-0.35 ms of CPU per call, the
+  tritonclient aio client about 0.2-0.35 ms. A bare Python proxy in front of the echo (no validation,
+  routing or metrics; the `proxy-*` rows of each run) costs 0.55-0.75 ms of CPU per request. Making one
+  v2 call upstream per request, it adds about 0.6-0.8 ms to p50 at concurrency 1. Multiplexing the
+  requests on one long-lived stream per upstream, as the gateway does (`maas.v1.WorkerInference`: a
+  message on an open stream is much cheaper than a call's setup and teardown in both processes), it
+  adds about 0.4-0.45 ms. The gateway's own logic (auth, version resolution, validation, picking,
+  metrics, coalescing) costs about 0.1 ms of CPU on top. So the 0.5 ms goal sits right at the floor of one
+  Python gRPC hop on this machine, and whether a run meets it depends on the moment's noise.
+- **The worker on top of gRPC** (digits, batch 1). The exported program is called as its graph with
+  its lifted weights passed in: about 30 µs per forward pass in a tight loop, against about 65 µs
+  through `ExportedProgram.module()` (argument flattening, input guards, module hooks). Decode,
+  validate and encode add about 15 µs, and the whole handler measures about 80 µs in-process. In a
+  server, interleaved with gRPC work, the same torch call costs much more: adding one eager MLP forward
+  to the bare echo's handler raised its CPU per request by about 0.2 ms, since caches are cold between
+  requests. That is most of the worker's 0.3-0.45 ms gap to the echo at concurrency 1. A lone request
+  runs inline on the event loop, with no queue and no thread hand-off, when the version's forward pass
+  averages under 0.5 ms and its `max_queue_delay_us` is 0, as for the digits demo.
 - **Coalescing at concurrency 16.** The gateway merges the requests that queue behind its in-flight
-  calls into one upstream call, so the worker sees a few large calls instead of sixteen small ones:
-  its CPU per client request falls from about 0.55 ms (direct) to 0.2-0.37 ms. The mesh then runs at
-  about 70-90% of direct-to-worker throughput: what is left is the gateway's own server-side gRPC
-  cost per client request (about 0.35-0.5 ms), which nothing after it can merge away.
+  calls into one upstream request, so the worker sees a few large requests instead of sixteen small
+  ones. Its CPU per client request falls from about 0.45-0.55 ms (direct) to 0.2-0.3 ms. The mesh then
+  runs at about 85-97% of direct-to-worker throughput. What is left is the gateway's own server-side
+  gRPC cost per client request (about 0.35-0.45 ms), which nothing after it can merge away.
 - **Dynamic batching on CPU.** encoder small is compute-bound here: one torch thread spends about as
   long per sequence at batch 32 as at batch 1 (the "batching ceiling" table), so batching on cannot
   give much more than that ratio over batching off. The 3× goal needs a device where batching is

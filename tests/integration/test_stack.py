@@ -178,3 +178,44 @@ async def test_closed_loop_against_echo() -> None:
     finally:
         await client.close()
         await server.stop(0)
+
+
+@pytest.mark.parametrize("mode", ["stream", "unary"])
+async def test_bare_proxy_in_front_of_echo(mode: str) -> None:
+    """The benchmark's hop floor: a bare proxy (one call per request, or multiplexed on one stream)
+    forwards ModelInfer to the echo; what comes back is the echo's answer, request id included."""
+    import grpc.aio
+    import tritonclient.grpc.aio as aioclient
+
+    from mesh.benchtools.echo import EchoFrames, EchoServicer, ProxyServicer
+    from mesh.benchtools.targets import WORKLOADS
+    from mesh.server import GRPC_OPTIONS
+    from mesh.v2 import pb_grpc
+    from mesh_pb import worker_pb2_grpc
+
+    servers = []
+    echo = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(), echo)
+    worker_pb2_grpc.add_WorkerInferenceServicer_to_server(EchoFrames(), echo)
+    echo_port = echo.add_insecure_port("127.0.0.1:0")
+    await echo.start()
+    servers.append(echo)
+    proxy = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(ProxyServicer(f"127.0.0.1:{echo_port}", mode), proxy)
+    proxy_port = proxy.add_insecure_port("127.0.0.1:0")
+    await proxy.start()
+    servers.append(proxy)
+    client = aioclient.InferenceServerClient(f"127.0.0.1:{proxy_port}")
+    try:
+        workload = WORKLOADS["echo"]
+        x = workload.data(3)
+        inp = aioclient.InferInput("pixels", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        results = await asyncio.gather(*(client.infer("echo", [inp], request_id=f"r{i}") for i in range(8)))
+        for i, result in enumerate(results):
+            np.testing.assert_array_equal(result.as_numpy("pixels"), x)
+            assert result.get_response().id == f"r{i}"
+    finally:
+        await client.close()
+        for server in servers:
+            await server.stop(0)

@@ -27,10 +27,11 @@ from tests.integration.test_worker_support import (
     mlp_record,
     save_tinylm,
     script_boom,
+    standalone_worker,
     tinylm_record,
+    worker_settings,
 )
 from workers.app import WorkerApp, start_worker
-from workers.settings import WorkerSettings
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +44,13 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def settings(store: ArtifactStore, **kw: object) -> WorkerSettings:
-    return WorkerSettings(bind="127.0.0.1:0", store_dir=store.root, device="cpu", registry=False, **kw)  # type: ignore[arg-type]
+settings = worker_settings
 
 
 @pytest.fixture
 async def worker(store: ArtifactStore) -> AsyncIterator[WorkerApp]:
-    app = await start_worker(settings(store))
-    try:
+    async with standalone_worker(store) as app:
         yield app
-    finally:
-        await app.stop(drain=False)
 
 
 def reference(x: np.ndarray) -> np.ndarray:

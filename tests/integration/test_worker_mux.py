@@ -5,7 +5,7 @@ frames, per-frame deadlines, and a drain that answers UNAVAILABLE then ends the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -21,9 +21,9 @@ from mesh.server import open_channel
 from mesh.store import ArtifactStore
 from mesh.v2 import pb
 from mesh_pb import worker_pb2, worker_pb2_grpc
-from tests.integration.test_worker import pixels, reference, settings
-from tests.integration.test_worker_support import export_mlp, mlp_record
-from workers.app import WorkerApp, start_worker
+from tests.integration.test_worker import pixels, reference
+from tests.integration.test_worker_support import export_mlp, mlp_record, standalone_worker
+from workers.app import WorkerApp
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +33,15 @@ def mlp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def worker(store: ArtifactStore) -> AsyncIterator[WorkerApp]:
-    app = await start_worker(settings(store))
-    try:
+    async with standalone_worker(store) as app:
         yield app
-    finally:
-        await app.stop(drain=False)
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
 
 
 def request_bytes(x: np.ndarray, request_id: str = "", name: str = "pixels", model: str = "mlp") -> bytes:
@@ -98,19 +102,11 @@ async def test_deadline_and_cancel_frames_free_the_queue(
         with pytest.raises(DeadlineExceeded):
             await link.infer(request_bytes(pixels(1)), 0.1, "late")
         task = asyncio.create_task(link.infer(request_bytes(pixels(1)), None, "cancelled"))
-        for _ in range(200):
-            if sv.batcher.queue_depth == 1:
-                break
-            await asyncio.sleep(0.01)
-        assert sv.batcher.queue_depth == 1
+        await until(lambda: sv.batcher.queue_depth == 1, "the request queued")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(200):  # the cancel frame took it out of the worker's queue
-            if sv.batcher.queue_depth == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert sv.batcher.queue_depth == 0
+        await until(lambda: sv.batcher.queue_depth == 0, "the cancel frame to take it out of the queue")
         assert sv.stats.success.count == 0
     finally:
         await link.close()
@@ -130,11 +126,8 @@ async def test_drain_refuses_frames_then_ends_the_stream(
             await link.infer(request_bytes(pixels(1)), None, "during")
         assert worker.mux is not None
         worker.mux.close_streams()
-        for _ in range(200):  # the stream ended: the link notices and opens a new one on next use
-            if link._call is None:
-                break
-            await asyncio.sleep(0.01)
-        assert link._call is None
+        # The stream ended: the link notices, and opens a new one on next use.
+        await until(lambda: link._call is None, "the link to see the stream end")
     finally:
         await link.close()
         await channel.close()
@@ -148,10 +141,7 @@ async def test_a_dead_worker_fails_pending_frames_with_unavailable(
     link = WorkerLink(channel, worker.address)
     try:
         task = asyncio.create_task(link.infer(request_bytes(pixels(1)), None, "orphan"))
-        for _ in range(200):
-            if sv.batcher.queue_depth == 1:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: sv.batcher.queue_depth == 1, "the request queued")
         await worker.host.server.stop(0)  # the transport goes away with the request in flight
         with pytest.raises(StreamBroken):
             await asyncio.wait_for(task, 10)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
@@ -9,6 +11,8 @@ from torch import nn
 
 from mesh.store import Artifact, ArtifactStore
 from mesh_pb import common_pb2
+from workers.app import WorkerApp, start_worker
+from workers.settings import WorkerSettings
 
 
 def mlp() -> nn.Module:
@@ -125,3 +129,17 @@ def tinylm_record(store: ArtifactStore, src: Path) -> common_pb2.ModelVersion:
         batching=False,
         decoupled=True,
     )
+
+
+def worker_settings(store: ArtifactStore, **kw: object) -> WorkerSettings:
+    """A standalone worker (no registry) on a free loopback port, on the CPU, serving from `store`."""
+    return WorkerSettings(bind="127.0.0.1:0", store_dir=store.root, device="cpu", registry=False, **kw)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def standalone_worker(store: ArtifactStore, **kw: object) -> AsyncIterator[WorkerApp]:
+    app = await start_worker(worker_settings(store, **kw))
+    try:
+        yield app
+    finally:
+        await app.stop(drain=False)
