@@ -70,7 +70,7 @@ class WorkerApp:
         if self.heartbeat is not None:
             await self.heartbeat.stop(deregister=True)
         if self.mux is not None:
-            self.mux.close_streams()
+            await self.mux.close_streams()
         await self.host.stop(grace_s)
         await self.manager.close()
         if self.registry is not None:

@@ -178,6 +178,11 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def runs_now(self) -> bool:
+        """Whether a request submitted now computes at once on the event loop (the idle fast path)."""
+        return not self._queue and self.in_flight == 0 and self._delay_s == 0 and self._inline_ok()
+
     def start(self) -> None:
         if self._tasks:
             return
@@ -209,7 +214,7 @@ class DynamicBatcher:
             raise DeadlineExceeded(f"deadline expired before '{self.name}' could queue the request")
         if not self._tasks:
             self.start()
-        if not self._queue and self.in_flight == 0 and self._delay_s == 0 and self._inline_ok():
+        if self.runs_now:
             # Idle fast path: nothing queued or computing, no delay to wait for company, a cheap model:
             # compute here and now (no queue wake-up, no thread hand-off).
             item = _Item(inputs, size, (), loop.create_future(), time.monotonic_ns(), taken=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -282,6 +283,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         return await self.infer(request, context.time_remaining())
 
+    def runs_now(self, request: pb.ModelInferRequest) -> bool:
+        """Whether `infer(request)` would answer without waiting (its version's batcher idle and able to
+        compute inline, or the request refused at once), so a caller may await it holding nothing up."""
+        try:
+            sv = self.manager.resolve(request.model_name, request.model_version)
+        except MeshError:
+            return True
+        return sv.batcher.runs_now
+
     async def infer(self, request: pb.ModelInferRequest, remaining: float | None) -> pb.ModelInferResponse:
         """One unary request, from ModelInfer or from the gateway's multiplexed stream."""
         manager = self.manager
@@ -388,80 +398,89 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 class WorkerInferenceServicer(worker_pb2_grpc.WorkerInferenceServicer):
     """The gateway's multiplexed data path: each frame is one ModelInfer request, run concurrently with
-    the others (so they batch together); each result goes back tagged as soon as it is ready."""
+    the others (so they batch together); each result goes back tagged as soon as it is ready.
+
+    A frame that its version can compute at once (idle batcher, cheap model: the batcher's inline path)
+    is answered right in the read loop, with no task and no hand-off; the others run as tasks, so the
+    read loop keeps taking frames while they wait in the batcher's queue."""
 
     def __init__(self, inference: InferenceServicer) -> None:
         self.inference = inference
-        self._streams: set[asyncio.Queue[Any]] = set()
+        self._streams: set[grpc.aio.ServicerContext] = set()
 
-    def close_streams(self) -> None:
-        """Ends every open stream (after a drain): requests still running get no answer, so the
-        gateway retries them elsewhere; new requests open a stream to another worker."""
-        for results in self._streams:
-            results.put_nowait(_END)
+    async def close_streams(self) -> None:
+        """Ends every open stream with UNAVAILABLE (after a drain): requests still running get no
+        answer, so the gateway retries them elsewhere; new requests open a stream to another worker."""
+        for context in list(self._streams):
+            with contextlib.suppress(Exception):  # AbortError is how abort() returns; a dead call is fine
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, "worker is draining: retry on another worker"
+                )
+
+    async def _answer(
+        self, frame: worker_pb2.InferFrame, request: pb.ModelInferRequest | None
+    ) -> worker_pb2.InferResult:
+        tag = frame.tag
+        request_id_var.set(frame.request_id)
+        try:
+            if request is None:
+                raise InvalidArgument("request: not a valid ModelInferRequest")
+            response = await self.inference.infer(
+                request, frame.timeout_us / 1e6 if frame.timeout_us else None
+            )
+            return worker_pb2.InferResult(tag=tag, response=response.SerializeToString())
+        except MeshError as exc:
+            return worker_pb2.InferResult(
+                tag=tag, code=exc.code.value[0], message=bounded_message(exc.message)
+            )
+        except Exception as exc:
+            log.error("request %r failed", frame.request_id, exc_info=exc)
+            return worker_pb2.InferResult(
+                tag=tag,
+                code=grpc.StatusCode.INTERNAL.value[0],
+                message=f"internal error in ModelInfer: {type(exc).__name__}",
+            )
 
     async def Infer(
         self, request_iterator: AsyncIterator[worker_pb2.InferFrame], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.InferResult]:
-        results: asyncio.Queue[Any] = asyncio.Queue()
+    ) -> None:
         running: dict[int, asyncio.Task[None]] = {}
-        infer = self.inference.infer
+        write_lock = asyncio.Lock()
 
-        async def run(frame: worker_pb2.InferFrame) -> None:
-            tag = frame.tag
-            request_id_var.set(frame.request_id)
+        async def send(result: worker_pb2.InferResult) -> None:
+            async with write_lock:  # one write at a time on a stream
+                await context.write(result)
+
+        async def run(frame: worker_pb2.InferFrame, request: pb.ModelInferRequest) -> None:
             try:
-                try:
-                    request = pb.ModelInferRequest.FromString(frame.request)
-                except Exception as exc:
-                    raise InvalidArgument(
-                        f"request: not a valid ModelInferRequest ({type(exc).__name__})"
-                    ) from None
-                response = await infer(request, frame.timeout_us / 1e6 if frame.timeout_us else None)
-                result = worker_pb2.InferResult(tag=tag, response=response.SerializeToString())
+                result = await self._answer(frame, request)
             except asyncio.CancelledError:
                 return  # the gateway cancelled it (its client went away), or the stream is closing
-            except MeshError as exc:
-                result = worker_pb2.InferResult(
-                    tag=tag, code=exc.code.value[0], message=bounded_message(exc.message)
-                )
-            except Exception as exc:
-                log.error("request %r failed", frame.request_id, exc_info=exc)
-                result = worker_pb2.InferResult(
-                    tag=tag,
-                    code=grpc.StatusCode.INTERNAL.value[0],
-                    message=f"internal error in ModelInfer: {type(exc).__name__}",
-                )
             finally:
-                running.pop(tag, None)
-            results.put_nowait(result)
+                running.pop(frame.tag, None)
+            await send(result)
 
-        async def read() -> None:
-            try:
-                async for frame in request_iterator:
-                    if frame.cancel:
-                        task = running.get(frame.tag)
-                        if task is not None:
-                            task.cancel()
-                        continue
-                    running[frame.tag] = asyncio.create_task(run(frame))
-                # The gateway half-closed: answer what is in flight, then end the stream.
-                while running:
-                    await asyncio.gather(*list(running.values()), return_exceptions=True)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the transport broke: end the stream with that error
-                results.put_nowait(exc)
-                return
-            results.put_nowait(_END)
-
-        reader = asyncio.create_task(read())
-        self._streams.add(results)
+        self._streams.add(context)
         try:
-            async for item in _relay(results):
-                yield item
+            async for frame in request_iterator:
+                if frame.cancel:
+                    task = running.get(frame.tag)
+                    if task is not None:
+                        task.cancel()
+                    continue
+                try:
+                    request = pb.ModelInferRequest.FromString(frame.request)
+                except Exception:
+                    await send(await self._answer(frame, None))
+                    continue
+                if self.inference.runs_now(request):
+                    await send(await self._answer(frame, request))
+                else:
+                    running[frame.tag] = asyncio.create_task(run(frame, request))
+            # The gateway half-closed: answer what is in flight, then end the stream.
+            while running:
+                await asyncio.gather(*list(running.values()), return_exceptions=True)
         finally:
-            self._streams.discard(results)
-            reader.cancel()
+            self._streams.discard(context)
             for task in list(running.values()):
                 task.cancel()

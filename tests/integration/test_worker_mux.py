@@ -125,7 +125,7 @@ async def test_drain_refuses_frames_then_ends_the_stream(
         with pytest.raises(Unavailable, match="draining"):
             await link.infer(request_bytes(pixels(1)), None, "during")
         assert worker.mux is not None
-        worker.mux.close_streams()
+        await worker.mux.close_streams()
         # The stream ended: the link notices, and opens a new one on next use.
         await until(lambda: link._call is None, "the link to see the stream end")
     finally:
