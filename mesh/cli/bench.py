@@ -381,6 +381,18 @@ def add_verdicts(report: Report) -> None:
                 added <= 0.5,
             )
         )
+    perf_p50 = {(target, c): p50 for target, _model, c, _rps, p50, _p99 in report.perf_rows}
+    if ("worker", 1) in perf_p50 and ("gateway", 1) in perf_p50:
+        added = perf_p50[("gateway", 1)] - perf_p50[("worker", 1)]
+        report.verdicts.append(
+            Verdict(
+                "gateway hop, digits c=1, perf_analyzer",
+                "≤ 0.5 ms added to p50 vs direct",
+                f"+{added:.2f} ms ({perf_p50[('gateway', 1)]:.2f} vs {perf_p50[('worker', 1)]:.2f}); "
+                "Triton's C++ client, one run each",
+                added <= 0.5,
+            )
+        )
     if direct16 is not None and gateway16 is not None and direct16.rps > 0:
         ratio = gateway16.rps / direct16.rps
         report.verdicts.append(
