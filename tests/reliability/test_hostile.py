@@ -411,3 +411,69 @@ def test_hostile_hypothesis_requests(shared_mesh: SharedMesh, figures_path: Path
     )
     assert mesh.stack.gateway is not None and mesh.stack.gateway.alive and mesh.stack.workers[0].alive
     assert not bad, "\n".join(bad[:20])
+
+
+@pytest.mark.slow
+async def test_hostile_frames_on_the_worker_data_path(shared_mesh: SharedMesh, figures_path: Path) -> None:
+    """The gateway's multiplexed path (maas.v1.WorkerInference) on a worker's port: random bytes and
+    mutated requests as frames, cancels of unknown tags, absurd timeouts. Every frame gets exactly one
+    answer with a client-error code, the stream stays open until the client half-closes, the worker
+    keeps serving."""
+    from mesh_pb import worker_pb2, worker_pb2_grpc
+
+    mesh = shared_mesh
+    worker = mesh.stack.workers[0]
+    rng = random.Random(7)
+    frames: list[worker_pb2.InferFrame] = []
+    builders = [digits_request, lambda r: prompt_request("chatty", r)]
+    payloads = [req.SerializeToString() for _, req in mutated_requests(builders, 400, 11)]
+    payloads += random_payloads(rng, 200)
+    for tag, payload in enumerate(payloads, start=1):
+        frames.append(
+            worker_pb2.InferFrame(
+                tag=tag, request=payload, timeout_us=rng.choice([0, 1, 2**63 - 1, 5_000_000])
+            )
+        )
+        if rng.random() < 0.1:  # a cancel for a tag nobody sent
+            frames.append(worker_pb2.InferFrame(tag=10**9 + tag, cancel=True))
+    channel = grpc.aio.insecure_channel(mesh.worker_url, options=GRPC_OPTIONS)
+    codes: Counter[str] = Counter()
+    seen: Counter[int] = Counter()
+    try:
+        call = worker_pb2_grpc.WorkerInferenceStub(channel).Infer(timeout=120)
+
+        async def write() -> None:
+            for frame in frames:
+                await call.write(frame)
+            await call.done_writing()
+
+        writer = asyncio.create_task(write())
+        async for result in call:
+            seen[result.tag] += 1
+            codes[grpc.StatusCode.OK.name if result.code == 0 else _code_name(result.code)] += 1
+        await writer
+        status = await call.code()
+        await _valid_roundtrip(mesh)
+    finally:
+        await channel.close()
+    write_figures(
+        figures_path,
+        "hostile_worker_frames",
+        {
+            "frames": len(payloads),
+            "codes": dict(codes),
+            "stream_status": status.name,
+            "worker_alive": worker.alive,
+        },
+    )
+    assert worker.alive
+    assert status == grpc.StatusCode.OK
+    assert set(seen) == set(range(1, len(payloads) + 1)) and max(seen.values()) == 1  # one answer each
+    assert not {"INTERNAL", "UNKNOWN"} & set(codes), codes
+
+
+def _code_name(value: int) -> str:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code.name
+    return f"code {value}"
