@@ -71,7 +71,11 @@ requests answered). What the parts cost, measured in-process while tuning:
   calls into one upstream request, so the worker sees a few large requests instead of sixteen small
   ones. Its CPU per client request falls from about 0.45-0.55 ms (direct) to 0.2-0.3 ms. The mesh then
   runs at about 85-97% of direct-to-worker throughput. What is left is the gateway's own server-side
-  gRPC cost per client request (about 0.35-0.45 ms), which nothing after it can merge away.
+  gRPC cost per client request (about 0.3-0.45 ms), which nothing after it can merge away. That ratio
+  holds for a Python client, which spends about 0.15 ms of the same core per request itself. Triton's
+  C++ perf_analyzer spends almost nothing, so its direct figure is the worker alone, and the mesh
+  reaches about 55-60% of it. On one core the CPU of every process on the path adds up. On a machine
+  where the gateway has a core of its own, the slower of the two processes sets the mesh's throughput.
 - **Dynamic batching on CPU.** encoder small is compute-bound here: one torch thread spends about as
   long per sequence at batch 32 as at batch 1 (the "batching ceiling" table), so batching on cannot
   give much more than that ratio over batching off. The 3× goal needs a device where batching is

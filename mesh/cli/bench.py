@@ -393,6 +393,18 @@ def add_verdicts(report: Report) -> None:
                 added <= 0.5,
             )
         )
+    perf_rps = {(target, c): rps for target, _model, c, rps, _p50, _p99 in report.perf_rows}
+    if perf_rps.get(("worker", 16)) and ("gateway", 16) in perf_rps:
+        ratio = perf_rps[("gateway", 16)] / perf_rps[("worker", 16)]
+        report.verdicts.append(
+            Verdict(
+                "mesh throughput, digits c=16, perf_analyzer",
+                "≥ 80% of direct",
+                f"{ratio:.0%} ({perf_rps[('gateway', 16)]:,.0f} vs {perf_rps[('worker', 16)]:,.0f} req/s); "
+                "Triton's C++ client, one run each",
+                ratio >= 0.8,
+            )
+        )
     if direct16 is not None and gateway16 is not None and direct16.rps > 0:
         ratio = gateway16.rps / direct16.rps
         report.verdicts.append(
