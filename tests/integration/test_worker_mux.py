@@ -37,6 +37,18 @@ async def worker(store: ArtifactStore) -> AsyncIterator[WorkerApp]:
         yield app
 
 
+@pytest.fixture
+async def link(worker: WorkerApp) -> AsyncIterator[WorkerLink]:
+    """The gateway's client for the worker's multiplexed stream, on a channel of its own."""
+    channel = open_channel(worker.address)
+    client = WorkerLink(channel, worker.address)
+    try:
+        yield client
+    finally:
+        await client.close()
+        await channel.close()
+
+
 async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not predicate():
@@ -58,97 +70,73 @@ def logits(data: bytes) -> np.ndarray:
 
 
 async def test_frames_are_answered_by_tag_and_batched(
-    worker: WorkerApp, store: ArtifactStore, mlp_path: Path
+    worker: WorkerApp, store: ArtifactStore, mlp_path: Path, link: WorkerLink
 ) -> None:
     await worker.manager.load(mlp_record(store, mlp_path, delay_us=20_000))
-    channel = open_channel(worker.address)
-    link = WorkerLink(channel, worker.address)
-    try:
-        xs = [pixels(1 + i % 3, seed=i) for i in range(20)]
-        outs = await asyncio.gather(
-            *(link.infer(request_bytes(x, f"r{i}"), 10.0, f"r{i}") for i, x in enumerate(xs))
-        )
-        for i, (x, data) in enumerate(zip(xs, outs, strict=True)):
-            assert pb.ModelInferResponse.FromString(data).id == f"r{i}"
-            np.testing.assert_allclose(logits(data), reference(x), rtol=1e-5, atol=1e-5)
-        st = worker.manager.get("mlp", "1").stats
-        assert st.execution_count < len(xs)  # frames of one stream merged into shared forward passes
-        assert link.in_flight == 0
+    xs = [pixels(1 + i % 3, seed=i) for i in range(20)]
+    outs = await asyncio.gather(
+        *(link.infer(request_bytes(x, f"r{i}"), 10.0, f"r{i}") for i, x in enumerate(xs))
+    )
+    for i, (x, data) in enumerate(zip(xs, outs, strict=True)):
+        assert pb.ModelInferResponse.FromString(data).id == f"r{i}"
+        np.testing.assert_allclose(logits(data), reference(x), rtol=1e-5, atol=1e-5)
+    st = worker.manager.get("mlp", "1").stats
+    assert st.execution_count < len(xs)  # frames of one stream merged into shared forward passes
+    assert link.in_flight == 0
 
-        # Bad requests fail alone, naming the field; the stream stays open for the next one.
-        with pytest.raises(InvalidArgument, match="inputs"):
-            await link.infer(request_bytes(pixels(1), name="nope"), None, "bad")
-        with pytest.raises(InvalidArgument, match="request"):
-            await link.infer(b"\xff\xff\xff", None, "garbage")
-        np.testing.assert_allclose(
-            logits(await link.infer(request_bytes(pixels(2)), None, "ok")),
-            reference(pixels(2)),
-            rtol=1e-5,
-            atol=1e-5,
-        )
-    finally:
-        await link.close()
-        await channel.close()
+    # Bad requests fail alone, naming the field; the stream stays open for the next one.
+    with pytest.raises(InvalidArgument, match="inputs"):
+        await link.infer(request_bytes(pixels(1), name="nope"), None, "bad")
+    with pytest.raises(InvalidArgument, match="request"):
+        await link.infer(b"\xff\xff\xff", None, "garbage")
+    np.testing.assert_allclose(
+        logits(await link.infer(request_bytes(pixels(2)), None, "ok")),
+        reference(pixels(2)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 async def test_deadline_and_cancel_frames_free_the_queue(
-    worker: WorkerApp, store: ArtifactStore, mlp_path: Path
+    worker: WorkerApp, store: ArtifactStore, mlp_path: Path, link: WorkerLink
 ) -> None:
     # A 2 s batching delay keeps a lone request queued.
     sv = await worker.manager.load(mlp_record(store, mlp_path, delay_us=2_000_000))
-    channel = open_channel(worker.address)
-    link = WorkerLink(channel, worker.address)
-    try:
-        with pytest.raises(DeadlineExceeded):
-            await link.infer(request_bytes(pixels(1)), 0.1, "late")
-        task = asyncio.create_task(link.infer(request_bytes(pixels(1)), None, "cancelled"))
-        await until(lambda: sv.batcher.queue_depth == 1, "the request queued")
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await until(lambda: sv.batcher.queue_depth == 0, "the cancel frame to take it out of the queue")
-        assert sv.stats.success.count == 0
-    finally:
-        await link.close()
-        await channel.close()
+    with pytest.raises(DeadlineExceeded):
+        await link.infer(request_bytes(pixels(1)), 0.1, "late")
+    task = asyncio.create_task(link.infer(request_bytes(pixels(1)), None, "cancelled"))
+    await until(lambda: sv.batcher.queue_depth == 1, "the request queued")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await until(lambda: sv.batcher.queue_depth == 0, "the cancel frame to take it out of the queue")
+    assert sv.stats.success.count == 0
 
 
 async def test_drain_refuses_frames_then_ends_the_stream(
-    worker: WorkerApp, store: ArtifactStore, mlp_path: Path
+    worker: WorkerApp, store: ArtifactStore, mlp_path: Path, link: WorkerLink
 ) -> None:
     await worker.manager.load(mlp_record(store, mlp_path, delay_us=0))
-    channel = open_channel(worker.address)
-    link = WorkerLink(channel, worker.address)
-    try:
-        await link.infer(request_bytes(pixels(1)), None, "before")
-        assert await worker.drain(5.0)
-        with pytest.raises(Unavailable, match="draining"):
-            await link.infer(request_bytes(pixels(1)), None, "during")
-        assert worker.mux is not None
-        await worker.mux.close_streams()
-        # The stream ended: the link notices, and opens a new one on next use.
-        await until(lambda: link._call is None, "the link to see the stream end")
-    finally:
-        await link.close()
-        await channel.close()
+    await link.infer(request_bytes(pixels(1)), None, "before")
+    assert await worker.drain(5.0)
+    with pytest.raises(Unavailable, match="draining"):
+        await link.infer(request_bytes(pixels(1)), None, "during")
+    assert worker.mux is not None
+    await worker.mux.close_streams()
+    # The stream ended: the link notices, and opens a new one on next use.
+    await until(lambda: link._call is None, "the link to see the stream end")
 
 
 async def test_a_dead_worker_fails_pending_frames_with_unavailable(
-    worker: WorkerApp, store: ArtifactStore, mlp_path: Path
+    worker: WorkerApp, store: ArtifactStore, mlp_path: Path, link: WorkerLink
 ) -> None:
     sv = await worker.manager.load(mlp_record(store, mlp_path, delay_us=2_000_000))
-    channel = open_channel(worker.address)
-    link = WorkerLink(channel, worker.address)
-    try:
-        task = asyncio.create_task(link.infer(request_bytes(pixels(1)), None, "orphan"))
-        await until(lambda: sv.batcher.queue_depth == 1, "the request queued")
-        await worker.host.server.stop(0)  # the transport goes away with the request in flight
-        with pytest.raises(StreamBroken):
-            await asyncio.wait_for(task, 10)
-        assert isinstance(StreamBroken("x"), Unavailable)  # retried on another replica by the gateway
-    finally:
-        await link.close()
-        await channel.close()
+    task = asyncio.create_task(link.infer(request_bytes(pixels(1)), None, "orphan"))
+    await until(lambda: sv.batcher.queue_depth == 1, "the request queued")
+    await worker.host.server.stop(0)  # the transport goes away with the request in flight
+    with pytest.raises(StreamBroken):
+        await asyncio.wait_for(task, 10)
+    assert isinstance(StreamBroken("x"), Unavailable)  # retried on another replica by the gateway
 
 
 async def test_raw_stub_frames(worker: WorkerApp, store: ArtifactStore, mlp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -207,16 +208,22 @@ def _fill(params: object, n: int) -> None:
         params[f"user_{i}"].int64_param = i  # type: ignore[index]
 
 
+def _request_with_params_at(where: str) -> tuple[pb.ModelInferRequest, Any]:
+    """A valid request with one requested output, and the parameters map named by `where`."""
+    req = _request()
+    out = _with_output(req)
+    target = {
+        "parameters": req.parameters,
+        "inputs[0].parameters": req.inputs[0].parameters,
+        "outputs[0].parameters": out.parameters,
+    }[where]
+    return req, target
+
+
 @pytest.mark.parametrize("where", ["parameters", "inputs[0].parameters", "outputs[0].parameters"])
 def test_parameter_count_bounded(where: str) -> None:
     def build(n: int) -> pb.ModelInferRequest:
-        req = _request()
-        out = _with_output(req)
-        target = {
-            "parameters": req.parameters,
-            "inputs[0].parameters": req.inputs[0].parameters,
-            "outputs[0].parameters": out.parameters,
-        }[where]
+        req, target = _request_with_params_at(where)
         _fill(target, n)
         return req
 
@@ -231,13 +238,7 @@ def test_parameter_count_bounded(where: str) -> None:
 @pytest.mark.parametrize("where", ["parameters", "inputs[0].parameters", "outputs[0].parameters"])
 def test_parameter_key_length_bounded(where: str) -> None:
     def build(key: str) -> pb.ModelInferRequest:
-        req = _request()
-        out = _with_output(req)
-        target = {
-            "parameters": req.parameters,
-            "inputs[0].parameters": req.inputs[0].parameters,
-            "outputs[0].parameters": out.parameters,
-        }[where]
+        req, target = _request_with_params_at(where)
         target[key].string_param = "v"
         return req
 
