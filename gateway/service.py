@@ -264,6 +264,7 @@ class GatewayService:
         self._stubs: dict[str, Any] = {}
         self._links: dict[str, WorkerLink] = {}
         self._multiplex = settings.upstream == "stream"
+        self._stream_max_bytes = settings.stream_max_bytes
         self._channels: dict[str, grpc.aio.Channel] = {}
         # (model, version) -> (the signature it was built from, its inputs prepared for validate_request)
         self._specs: dict[tuple[str, int], tuple[Any, InputSpecs]] = {}
@@ -431,7 +432,10 @@ class GatewayService:
         retries = self._retries
         request_id = request_id_var.get()
         metadata = ((REQUEST_ID_KEY, request_id),)
-        payload = request.SerializeToString() if self._multiplex else b""
+        # Large requests take a call of their own: on the shared stream their bytes would hold up the
+        # small requests queued behind them (one stream delivers its messages in order).
+        multiplex = self._multiplex and sum(map(len, request.raw_input_contents)) <= self._stream_max_bytes
+        payload = request.SerializeToString() if multiplex else b""
         last: MeshError | None = None
         while True:
             try:
@@ -446,7 +450,7 @@ class GatewayService:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise DeadlineExceeded("deadline exceeded before the request reached a worker")
-                if self._multiplex:
+                if multiplex:
                     data = await self._link(ep.address).infer(payload, remaining, request_id)
                     return pb.ModelInferResponse.FromString(data)
                 try:

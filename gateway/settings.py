@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from mesh.settings import MeshSettings
@@ -67,6 +67,10 @@ class GatewaySettings(MeshSettings):
     """How ModelInfer reaches workers: "stream" multiplexes requests on one long-lived stream per
     worker (maas.v1.WorkerInference: a message costs both processes much less than a unary call);
     "unary" makes one v2 ModelInfer call per request (for workers that serve only the v2 API)."""
+
+    stream_max_bytes: int = Field(default=1 << 20, ge=0)
+    """With `upstream="stream"`: requests whose tensor bytes exceed this take a v2 call of their own, so
+    that a large request does not hold up the small ones queued behind it on the shared stream."""
 
     coalesce: bool = True
     """Merge concurrent requests for one version into one upstream call (models with max_batch_size > 0)."""

@@ -135,3 +135,32 @@ async def test_router_restart_under_load_loses_no_request(
             await load.stop()
         assert load.ok > 0
         assert load.failures == Counter(), load.failures
+
+
+async def test_large_requests_take_a_call_of_their_own(
+    redis_url: str, prefix: str, store: ArtifactStore, tmp_path: Path
+) -> None:
+    """Small requests share the multiplexed stream to the worker; one above stream_max_bytes makes its
+    own v2 call (it would hold up the small ones queued behind it). Both answer correctly."""
+    from tests.integration.gateway_stack import make_artifacts, register_digits, running_stack, wait_routable
+
+    art = make_artifacts(tmp_path)
+    async with running_stack(redis_url, prefix, store, stream_max_bytes=300, coalesce=False) as s:
+        v = await register_digits(s.registry, store, art)
+        await wait_routable(s.gateway, "digits", v)
+        client = aioclient.InferenceServerClient(s.gateway.address)
+        try:
+            for rows in (1, 4):  # 256 bytes (stream), then 1,024 bytes (a call of its own)
+                x = np.random.default_rng(rows).uniform(0, 16, (rows, 64)).astype(np.float32)
+                inp = aioclient.InferInput("pixels", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                result = await client.infer("digits", [inp])
+                np.testing.assert_allclose(
+                    result.as_numpy("logits"), art.digits_reference(x), rtol=1e-5, atol=1e-5
+                )
+                service = s.gateway.service
+                used = (set(service._links), set(service._stubs))
+                address = s.workers[0].address
+                assert used == (({address}, set()) if rows == 1 else ({address}, {address}))
+        finally:
+            await client.close()
