@@ -64,7 +64,6 @@ _STATE_TEXT = {
 }
 _STREAM_DONE = object()
 
-
 Metadata = Iterable[tuple[str, Any]] | None
 PlaceFn = Callable[[router_pb2.PlaceRequest, float], Awaitable[router_pb2.PlaceResponse]]
 

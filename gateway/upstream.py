@@ -18,10 +18,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from mesh.errors import DeadlineExceeded, Unavailable, error_for_code
+from mesh.errors import DeadlineExceeded, Unavailable, error_for_code, status_code
 from mesh_pb import worker_pb2, worker_pb2_grpc
-
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class StreamBroken(Unavailable):
@@ -116,7 +114,7 @@ class WorkerLink:
             if timer is not None:
                 timer.cancel()
         if result.code:
-            raise error_for_code(_CODES.get(result.code, grpc.StatusCode.UNKNOWN), result.message)
+            raise error_for_code(status_code(result.code), result.message)
         return bytes(result.response)
 
     def _cancel(self, call: Any, tag: int) -> None:

@@ -103,6 +103,14 @@ _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
 }
 
 
+_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    """The status code with this wire number (`StatusCode.X.value[0]`); UNKNOWN for any other number."""
+    return _BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)
+
+
 def error_for_code(code: grpc.StatusCode, message: str) -> MeshError:
     """The typed error for a status code (INTERNAL for codes without a dedicated class)."""
     return _BY_CODE.get(code, Internal)(message)

@@ -193,8 +193,12 @@ class TorchRuntime(Runtime):
         assert self.module is not None, "runtime not loaded"
         args = [self._to_device(inputs[n]) for n in self.input_names if n in inputs]
         with torch.inference_mode():
-            result = self.module(*args)
-            return self._outputs(result)
+            return self._outputs(self._call(args))
+
+    def _call(self, args: list[Any]) -> Any:
+        """The model on positional device tensors (signature order, absent optional inputs left out)."""
+        assert self.module is not None, "runtime not loaded"
+        return self.module(*args)
 
     def close(self) -> None:
         self.module = None
@@ -219,13 +223,11 @@ class TorchExportRuntime(TorchRuntime):
         self.module = module
         self._lifted = _lifted_call(ep, module, len(self.input_names))
 
-    def forward(self, inputs: Mapping[str, np.ndarray]) -> Arrays:
+    def _call(self, args: list[Any]) -> Any:
         lifted = self._lifted
-        if lifted is None or len(inputs) != len(self.input_names):
-            return super().forward(inputs)
-        args = [self._to_device(inputs[n]) for n in self.input_names]
-        with torch.inference_mode():
-            return self._outputs(lifted(args))
+        if lifted is None or len(args) != len(self.input_names):  # an optional input left out
+            return super()._call(args)
+        return lifted(args)
 
     def close(self) -> None:
         self._lifted = None
@@ -242,8 +244,9 @@ def _lifted_call(
     model's whole forward. The worker validates inputs against the signature itself (the codec) and
     always passes positional tensors in signature order, so it can call the graph directly. The tensors
     come from `module` (the unlifted module, already moved and cast), so both paths share one copy of
-    the weights. Programs that mutate buffers, return anything but plain outputs, or take inputs other
-    than `n_inputs` positional tensors keep the module path (None).
+    the weights (a buffer the graph updates in place is the module's own). Programs whose graph returns
+    buffer mutations or anything but plain outputs, or takes inputs other than `n_inputs` positional
+    tensors, keep the module path (None).
     """
     from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
 

@@ -57,17 +57,6 @@ def _deadline(request: pb.ModelInferRequest, remaining: float | None) -> float |
     return asyncio.get_running_loop().time() + remaining
 
 
-async def _relay(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
-    """A stream handler's responses: what its tasks queue, until _END; a queued exception is raised."""
-    while True:
-        item = await queue.get()
-        if item is _END:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
 def _select_outputs(
     sv: ServedVersion, request: pb.ModelInferRequest, outputs: dict[str, Any]
 ) -> list[tuple[str, Any, str | None]]:
@@ -332,7 +321,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         reader = asyncio.create_task(read())
         try:
-            async for item in _relay(queue):
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
                 yield item
         finally:
             reader.cancel()

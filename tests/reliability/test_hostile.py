@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mesh.errors import status_code
 from mesh.server import GRPC_OPTIONS
 from mesh.v2 import pb
 from tests.reliability.conftest import SharedMesh
@@ -450,7 +451,7 @@ async def test_hostile_frames_on_the_worker_data_path(shared_mesh: SharedMesh, f
         writer = asyncio.create_task(write())
         async for result in call:
             seen[result.tag] += 1
-            codes[grpc.StatusCode.OK.name if result.code == 0 else _code_name(result.code)] += 1
+            codes[status_code(result.code).name] += 1
         await writer
         status = await call.code()
         await _valid_roundtrip(mesh)
@@ -470,10 +471,3 @@ async def test_hostile_frames_on_the_worker_data_path(shared_mesh: SharedMesh, f
     assert status == grpc.StatusCode.OK
     assert set(seen) == set(range(1, len(payloads) + 1)) and max(seen.values()) == 1  # one answer each
     assert not {"INTERNAL", "UNKNOWN"} & set(codes), codes
-
-
-def _code_name(value: int) -> str:
-    for code in grpc.StatusCode:
-        if code.value[0] == value:
-            return code.name
-    return f"code {value}"
