@@ -8,7 +8,7 @@ import inspect
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 
 from mesh.errors import PermissionDenied, Unauthenticated, Unavailable
+from mesh.server import WrappingInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ class Authenticator:
             self._cache.pop(next(iter(self._cache)))
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+class ApiKeyInterceptor(WrappingInterceptor):
     """Checks the caller's API key before the handler of a protected RPC runs.
 
     `rules` maps a full method ("/maas.v1.RouterService/Place") or a whole service
@@ -235,9 +236,9 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, auth: Authenticator, rules: Mapping[str, Need]) -> None:
+        super().__init__()
         self.auth = auth
         self.rules = dict(rules)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def need(self, method: str) -> Need | None:
         """What `method` ("/pkg.Service/Method") asks of its caller; None = not checked."""
@@ -252,24 +253,10 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             principal.check_admin(method.lstrip("/"))
         return principal
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         need = self.need(method)
-        if handler is None or need is None:
+        if need is None:
             return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method, need)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str, need: Need) -> grpc.RpcMethodHandler:
         check = self.check
         deserialize, serialize = handler.request_deserializer, handler.response_serializer
 

@@ -81,27 +81,14 @@ def _request_id(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps MeshError to its status code, anything unexpected to INTERNAL (logged), sets request ids.
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps each method's handler once and reuses the wrapper for every call of
+    that method (whatever depends on the call is read from its context inside the wrapper), so a call
+    costs one dict lookup here. Subclasses say how to wrap in `_wrap`."""
 
-    The wrapped handler of each method is built once and reused for every call (the request id is read
-    from the call's own metadata inside the wrapper), so a call costs one dict lookup here.
-    """
-
-    def __init__(self, service: str) -> None:
-        self.service = service
+    def __init__(self) -> None:
         # method -> (the handler it wraps, the wrapped handler)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
-        if isinstance(exc, MeshError):
-            await context.abort(exc.code, bounded_message(exc.message))
-        if isinstance(exc, NotImplementedError):  # generated base servicers raise it for RPCs not served
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by {self.service}"
-            )
-        log.error("unhandled error in %s", method, exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
 
     async def intercept_service(
         self,
@@ -118,6 +105,28 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         wrapped = self._wrap(handler, method)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The handler to serve `method` with (`handler` itself to leave it as it is)."""
+        raise NotImplementedError
+
+
+class ErrorInterceptor(WrappingInterceptor):
+    """Maps MeshError to its status code, anything unexpected to INTERNAL (logged), sets request ids."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+        if isinstance(exc, MeshError):
+            await context.abort(exc.code, bounded_message(exc.message))
+        if isinstance(exc, NotImplementedError):  # generated base servicers raise it for RPCs not served
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by {self.service}"
+            )
+        log.error("unhandled error in %s", method, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         abort = self._abort
