@@ -30,14 +30,22 @@ MergeKey = tuple[tuple[tuple[str, str, tuple[int, ...]], ...], tuple[str, ...]]
 
 _LEN = struct.Struct("<I")
 
+# Request parameters that say nothing about a unary request's own computation: perf_analyzer sends
+# `triton_enable_empty_final_response` on every ModelInfer (it only shapes decoupled streams), so a
+# request carrying just these still merges. Any other parameter (priority, timeout, sequence_*, ...)
+# keeps the request to a call of its own.
+NEUTRAL_PARAMETERS = frozenset({"triton_enable_empty_final_response"})
+
 
 def merge_key(request: Any) -> tuple[MergeKey, int] | None:
     """(compatibility key, batch size) of a request that may be merged with others, else None.
 
-    Mergeable: raw contents for every input, no request/input/output parameters (priority, timeouts,
-    sequence ids, classification, shared memory all opt out), and one batch size across inputs.
+    Mergeable: raw contents for every input, no request/input/output parameters other than the
+    NEUTRAL_PARAMETERS (priority, timeouts, sequence ids, classification, shared memory all opt out),
+    and one batch size across inputs.
     """
-    if request.parameters:
+    params = request.parameters
+    if params and not NEUTRAL_PARAMETERS.issuperset(params):
         return None
     inputs = request.inputs
     if not inputs or len(request.raw_input_contents) != len(inputs):

@@ -16,10 +16,10 @@ from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
 from gateway.coalesce import merge_key, merge_requests, split_response
-from mesh.codec import encode_response, serialize_bytes
+from mesh.codec import encode_request, encode_response, serialize_bytes
 from mesh.store import ArtifactStore
 from mesh.testing import delete_prefix, unique_prefix
-from mesh.v2 import pb
+from mesh.v2 import pb, pb_grpc
 from router.picker import request_fraction
 from tests.integration.gateway_stack import (
     Artifacts,
@@ -176,15 +176,36 @@ async def test_coalesced_requests_equal_single_requests(env: Env) -> None:
     calls_before, merged_before = _coalesced_calls()
     batches = [1 + (i % 4) for i in range(48)]
     inputs = [pixels(b, seed=100 + i) for i, b in enumerate(batches)]
-    results = await asyncio.gather(
-        *(env.client.infer("digits", [digits_input(x)], request_id=f"c{i}") for i, x in enumerate(inputs))
-    )
-    for i, (x, r) in enumerate(zip(inputs, results, strict=True)):
-        assert r.get_response().id == f"c{i}"
-        np.testing.assert_allclose(r.as_numpy("logits"), env.art.digits_reference(x), rtol=1e-5, atol=1e-5)
-    calls, merged = _coalesced_calls()
-    # 48 requests at once cannot all find a free upstream slot: some were merged into shared calls.
-    assert merged - merged_before > calls - calls_before > 0
+    assert env.stack.gateway is not None
+    async with grpc.aio.insecure_channel(env.stack.gateway.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        async def like_perf_analyzer(i: int, x: np.ndarray) -> pb.ModelInferResponse:
+            # Triton's perf_analyzer sends this parameter on every ModelInfer (tritonclient refuses to):
+            # such requests merge with the others.
+            request = encode_request(pb.ModelInferRequest(model_name="digits", id=f"c{i}"), {"pixels": x})
+            request.parameters["triton_enable_empty_final_response"].bool_param = True
+            response: pb.ModelInferResponse = await stub.ModelInfer(request)
+            return response
+
+        async def one(i: int, x: np.ndarray) -> tuple[str, np.ndarray]:
+            if i % 2:
+                raw = await like_perf_analyzer(i, x)
+                return raw.id, np.frombuffer(raw.raw_output_contents[0], np.float32).reshape(-1, 10)
+            r = await env.client.infer("digits", [digits_input(x)], request_id=f"c{i}")
+            return r.get_response().id, r.as_numpy("logits")
+
+        results = await asyncio.gather(*(one(i, x) for i, x in enumerate(inputs)))
+        for i, (x, (rid, logits)) in enumerate(zip(inputs, results, strict=True)):
+            assert rid == f"c{i}"
+            np.testing.assert_allclose(logits, env.art.digits_reference(x), rtol=1e-5, atol=1e-5)
+        calls, merged = _coalesced_calls()
+        # 48 requests at once cannot all find a free upstream slot: some were merged into shared calls.
+        assert merged - merged_before > calls - calls_before > 0
+        # Only perf_analyzer-shaped requests: they merge as well.
+        await asyncio.gather(*(like_perf_analyzer(i, x) for i, x in enumerate(inputs)))
+        calls_after, merged_after = _coalesced_calls()
+        assert merged_after - merged > calls_after - calls > 0
 
 
 async def test_merge_and_split_round_trip_with_bytes_outputs() -> None:
@@ -215,6 +236,13 @@ async def test_merge_and_split_round_trip_with_bytes_outputs() -> None:
     with_params.CopyFrom(requests[0])
     with_params.parameters["priority"].uint64_param = 1
     assert merge_key(with_params) is None
+    # perf_analyzer sends this on every unary request; it does not change the request's computation.
+    neutral = pb.ModelInferRequest()
+    neutral.CopyFrom(requests[0])
+    neutral.parameters["triton_enable_empty_final_response"].bool_param = True
+    assert merge_key(neutral) == keys[0]
+    neutral.parameters["priority"].uint64_param = 1
+    assert merge_key(neutral) is None
 
 
 async def _stream_texts(
