@@ -349,6 +349,33 @@ def decode_request(
     return out
 
 
+# Fixed-size datatypes whose raw bytes need no check beyond their length (BOOL bytes must be 0 or 1,
+# BF16 is widened, BYTES is length-prefixed).
+_PLAIN_RAW: Mapping[str, np.dtype[Any]] = {
+    dt: d for dt, d in DATATYPES.items() if dt not in ("BOOL", "BF16", "BYTES")
+}
+
+
+def decode_validated_request(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """decode_request for a request that validate_request has already passed.
+
+    Every input in raw contents of a plain fixed-size datatype (the usual request) becomes a read-only
+    view of its bytes without repeating the checks validate_request made (byte length, dims, pairing);
+    anything else goes through decode_request.
+    """
+    raws = request.raw_input_contents
+    inputs = request.inputs
+    if len(raws) != len(inputs):
+        return decode_request(request)
+    out: dict[str, np.ndarray] = {}
+    for k, tensor in enumerate(inputs):
+        dtype = _PLAIN_RAW.get(tensor.datatype)
+        if dtype is None:
+            return decode_request(request)
+        out[tensor.name] = np.frombuffer(raws[k], dtype=dtype).reshape(tuple(tensor.shape))
+    return out
+
+
 class InputSpecs:
     """A signature's inputs prepared once for validate_request: by name, with shapes and required names.
 
@@ -595,6 +622,8 @@ def _to_raw(arr: np.ndarray, datatype: str, field: str) -> bytes:
             raise Internal(f"{field}: BF16 needs a floating-point array, got {arr.dtype}")
         return float32_to_bf16(arr)
     target = DATATYPES[datatype]
+    if arr.dtype == target:  # the usual case: tobytes() writes C order whatever the array's layout
+        return arr.tobytes()
     if arr.dtype.name == "bfloat16":
         arr = arr.astype(np.float32)
     if not np.can_cast(arr.dtype, target, casting="same_kind"):
@@ -602,19 +631,23 @@ def _to_raw(arr: np.ndarray, datatype: str, field: str) -> bytes:
     return np.ascontiguousarray(arr, dtype=target).tobytes()
 
 
-def encode_tensor(name: str, arr: npt.ArrayLike, datatype: str | None = None) -> tuple[OutputTensor, bytes]:
-    """One output tensor and its raw bytes; datatype defaults to the array's (numpy_to_datatype)."""
+def _encode(name: str, arr: npt.ArrayLike, datatype: str | None) -> tuple[np.ndarray, str, bytes]:
+    """(array, datatype, raw bytes) of one output; datatype defaults to the array's."""
     a = np.asarray(arr)
-    field = f"outputs ({name!r})"
     if datatype is None:
         try:
             datatype = numpy_to_datatype(a.dtype)
         except InvalidArgument as exc:
-            raise Internal(f"{field}.datatype: {exc.message}") from exc
+            raise Internal(f"outputs ({name!r}).datatype: {exc.message}") from exc
     elif datatype not in DATATYPES:
-        raise Internal(f"{field}.datatype: unknown datatype {datatype!r}")
-    tensor = OutputTensor(name=name, datatype=datatype, shape=a.shape)
-    return tensor, _to_raw(a, datatype, field)
+        raise Internal(f"outputs ({name!r}).datatype: unknown datatype {datatype!r}")
+    return a, datatype, _to_raw(a, datatype, f"outputs ({name!r})")
+
+
+def encode_tensor(name: str, arr: npt.ArrayLike, datatype: str | None = None) -> tuple[OutputTensor, bytes]:
+    """One output tensor and its raw bytes; datatype defaults to the array's (numpy_to_datatype)."""
+    a, datatype, raw = _encode(name, arr, datatype)
+    return OutputTensor(name=name, datatype=datatype, shape=a.shape), raw
 
 
 def _named(items: NamedArrays) -> list[tuple[str, np.ndarray, str | None]]:
@@ -636,8 +669,11 @@ def encode_response(response: pb.ModelInferResponse, outputs: NamedArrays) -> pb
     if len(response.outputs) != len(response.raw_output_contents):
         raise Internal("outputs: response already mixes outputs without raw_output_contents")
     for name, arr, datatype in _named(outputs):
-        tensor, raw = encode_tensor(name, arr, datatype)
-        response.outputs.append(tensor)
+        a, datatype, raw = _encode(name, arr, datatype)
+        tensor = response.outputs.add()  # filled in place: append() would copy the message
+        tensor.name = name
+        tensor.datatype = datatype
+        tensor.shape.extend(a.shape)
         response.raw_output_contents.append(raw)
     return response
 

@@ -7,6 +7,7 @@ import asyncio
 from mesh.logging import setup_logging
 from mesh.server import install_uvloop
 from workers.app import serve
+from workers.runtimes import hold_inference_mode
 from workers.settings import WorkerSettings
 
 
@@ -15,6 +16,8 @@ def main() -> None:
     setup_logging("worker", settings.log_level, settings.log_json)
     if settings.uvloop:
         install_uvloop()
+    # The event loop runs on this thread, and cheap forward passes run inline on it.
+    hold_inference_mode()
     asyncio.run(serve(settings))
 
 

@@ -30,7 +30,7 @@ from mesh.errors import (
 from mesh.store import ArtifactStore
 from mesh_pb import common_pb2, worker_pb2
 from workers.batcher import BatchingPolicy, BatchObserver, DynamicBatcher, VersionStats
-from workers.runtimes import Runtime, load_runtime
+from workers.runtimes import Runtime, load_runtime, serving_thread_init
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +182,13 @@ class ModelManager:
         self.warmup = warmup
         # torch.set_num_threads() reaches OpenMP/MKL only in the thread that calls it: a thread that never
         # did runs its GEMMs on an OpenMP team of one thread per CPU, whose spinning workers cost 20-50x the
-        # forward pass itself on a small CPU box. Every compute and load thread applies the process's setting.
+        # forward pass itself on a small CPU box. Every compute and load thread applies the process's setting;
+        # compute threads also hold inference mode (hold_inference_mode).
         threads = torch.get_num_threads()
         self.executor = ThreadPoolExecutor(
             max(1, compute_threads),
             thread_name_prefix="compute",
-            initializer=torch.set_num_threads,
+            initializer=serving_thread_init,
             initargs=(threads,),
         )
         self._load_executor = ThreadPoolExecutor(

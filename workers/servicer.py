@@ -76,7 +76,7 @@ def _select_outputs(
 
 def _decode(sv: ServedVersion, request: pb.ModelInferRequest) -> dict[str, Any]:
     codec.validate_request(request, sv.input_specs, sv.max_batch_size)
-    return codec.decode_request(request)
+    return codec.decode_validated_request(request)
 
 
 def _response(sv: ServedVersion, request: pb.ModelInferRequest) -> pb.ModelInferResponse:

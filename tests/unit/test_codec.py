@@ -172,6 +172,24 @@ def test_many_inputs_and_outputs_keep_order() -> None:
             np.testing.assert_array_equal(got, arr)
 
 
+@pytest.mark.parametrize("datatype", ALL)
+@pytest.mark.parametrize("shape", [(2, 3), (0, 4)])
+def test_decode_validated_request_equals_decode_request(datatype: str, shape: tuple[int, ...]) -> None:
+    # Raw contents (plain types take the view path, BOOL/BF16/BYTES the full decode) and typed contents.
+    arr = sample(datatype, shape, seed=7)
+    raw = triton_request(("x", datatype, arr), ("z", "FP32", sample("FP32", (shape[0], 1))))
+    got = codec.decode_validated_request(raw)
+    want = codec.decode_request(raw)
+    assert list(got) == ["x", "z"]
+    for name in want:
+        assert_same(got[name], want[name])
+    if datatype not in ("BYTES", "BF16", "BOOL"):
+        assert not got["x"].flags.writeable  # a view of the message's bytes, as decode_request gives
+    if datatype in TYPED_FIELD:
+        typed = pb.ModelInferRequest(inputs=[typed_tensor("x", datatype, arr)])
+        assert_same(codec.decode_validated_request(typed)["x"], codec.decode_request(typed)["x"])
+
+
 def test_mapping_outputs_and_inferred_datatypes() -> None:
     outputs = {"logits": np.arange(20, dtype=np.float32).reshape(2, 10), "text": np.array(["héllo", ""])}
     response = codec.encode_response(pb.ModelInferResponse(), outputs)

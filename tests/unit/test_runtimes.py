@@ -101,6 +101,28 @@ def test_torch_export_direct_graph_call(
         assert float(rt.module.get_buffer("calls")) == 3 + 1  # + the warm-up call
 
 
+def test_forward_on_a_serving_thread(store: ArtifactStore, tmp_path: Path) -> None:
+    # The worker's loop and compute threads hold inference mode for good (serving_thread_init); a
+    # forward there skips the per-call context and answers the same, and other threads are untouched.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workers.runtimes import serving_thread_init
+
+    rec = mlp_record(store, export_mlp(tmp_path / "m.pt2"))
+    rt = load_runtime(rec, store.resolve(rec.artifact_uri), CPU)
+    x = np.random.default_rng(1).uniform(0, 1, (4, 64)).astype(np.float32)
+    name = rt.input_names[0]
+    here = rt.forward({name: x})
+    with ThreadPoolExecutor(1, initializer=serving_thread_init, initargs=(1,)) as pool:
+        held = pool.submit(torch.is_inference_mode_enabled).result()
+        there = pool.submit(rt.forward, {name: x}).result()
+    assert held and not torch.is_inference_mode_enabled()
+    assert list(there) == list(here)
+    for out, value in here.items():
+        np.testing.assert_allclose(there[out], value, rtol=1e-6)
+        np.testing.assert_allclose(value, _reference(x), rtol=1e-5, atol=1e-5)
+
+
 def test_torchscript_runtime(store: ArtifactStore, tmp_path: Path) -> None:
     rec = boom_record(store, script_boom(tmp_path / "b.ts"))
     rt = load_runtime(rec, store.resolve(rec.artifact_uri), CPU)
