@@ -68,6 +68,55 @@ def infer_input(x: np.ndarray, name: str = "pixels") -> tc.InferInput:
     return inp
 
 
+def _worker_samples(model: str) -> dict[str, float]:
+    """The worker's Prometheus series for `model` version 1, as the exposition format writes them."""
+    from prometheus_client import REGISTRY, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(generate_latest(REGISTRY).decode()):
+        for sample in family.samples:
+            if sample.name.startswith("maas_worker_") and sample.labels.get("model") == model:
+                le = sample.labels.get("le")
+                out[sample.name + (f"[{le}]" if le else "")] = sample.value
+    return out
+
+
+async def test_per_version_metrics(
+    worker: WorkerApp, store: ArtifactStore, artifacts: dict[str, Path]
+) -> None:
+    await worker.manager.load(mlp_record(store, artifacts["mlp"], name="metered"))
+    before = _worker_samples("metered")
+    client = tca.InferenceServerClient(worker.address)
+    try:
+        for b in (1, 2, 3):
+            await client.infer("metered", [infer_input(pixels(b))])
+        with pytest.raises(InferenceServerException):  # wrong shape: counted as a request and a failure
+            await client.infer("metered", [infer_input(np.zeros((1, 3), np.float32))])
+    finally:
+        await client.close()
+    after = _worker_samples("metered")
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("maas_worker_requests_total") == 4
+    assert delta("maas_worker_request_failures_total") == 1
+    assert delta("maas_worker_batch_size_count") == 3
+    assert delta("maas_worker_batch_size_sum") == 6
+    # Cumulative buckets: batch 1 ≤ 1, batches 1 and 2 ≤ 2, all three ≤ 4 and above.
+    assert [delta(f"maas_worker_batch_size_bucket[{le}]") for le in ("1.0", "2.0", "4.0", "+Inf")] == [
+        1,
+        2,
+        3,
+        3,
+    ]
+    for name in ("maas_worker_queue_seconds", "maas_worker_compute_seconds"):
+        assert delta(f"{name}_count") == 3 == delta(f"{name}_bucket[+Inf]")
+        assert delta(f"{name}_sum") > 0
+    assert after["maas_worker_version_memory_bytes"] > 0
+
+
 async def test_infer_metadata_config_statistics(
     worker: WorkerApp, store: ArtifactStore, artifacts: dict[str, Path]
 ) -> None:
