@@ -187,10 +187,17 @@ class _StreamUpstream:
                 del self.pending[request_id]
 
     async def _read(self) -> None:
+        # Whether the worker failed the stream (it died, drained, or ended it with requests unanswered):
+        # only then is it ejected and are unanswered requests sent elsewhere. A stream that ends
+        # because of its client (a cancel, the client's deadline, a request's own error status in
+        # triton_grpc_error mode) says nothing about the worker, which other clients keep using.
+        worker_failed = False
+        client_gone = False
         try:
             while True:
                 response = await self.call.read()
                 if response is grpc.aio.EOF:
+                    worker_failed = bool(self.pending)
                     break
                 request_id = response.infer_response.id
                 if _is_final(response):
@@ -201,25 +208,34 @@ class _StreamUpstream:
                         sent[0].answered = True
                 await self.out.put(response)
         except grpc.aio.AioRpcError as exc:
-            self.broken = exc.details() or exc.code().name
-            if self.grpc_error and exc.code() not in _RETRY_ELSEWHERE:
+            code = exc.code()
+            self.broken = exc.details() or code.name
+            worker_failed = code == grpc.StatusCode.UNAVAILABLE
+            if self.grpc_error and code not in _RETRY_ELSEWHERE:
                 # The worker ended the stream with a request's real status (triton_grpc_error mode).
-                await self.out.put(error_for_code(exc.code(), exc.details() or exc.code().name))
+                await self.out.put(error_for_code(code, exc.details() or code.name))
+        except asyncio.CancelledError:
+            client_gone = True  # the client's stream ended: nobody reads `out` any more
+            raise
         finally:
-            # Requests still waiting for a final answer: sent again elsewhere when nothing of them came back
-            # yet (once), otherwise answered with an error, so clients never wait forever.
+            # Requests still waiting for a final answer: sent again elsewhere when the worker failed and
+            # nothing of them came back yet (once), otherwise answered with an error, so clients never
+            # wait forever.
             for request_id, sent in list(self.pending.items()):
                 for item in sent:
                     self.picker.release(item.endpoint)
-                    self.picker.eject(item.endpoint.worker_id, self.eject_s)
-                    if item.retry and not item.answered:
-                        await self.out.put(_Resend(item.request, item.endpoint.worker_id))
+                    if worker_failed:
+                        self.picker.eject(item.endpoint.worker_id, self.eject_s)
+                    if client_gone:
+                        continue
+                    if worker_failed and item.retry and not item.answered:
+                        self.out.put_nowait(_Resend(item.request, item.endpoint.worker_id))
                     else:
-                        await self.out.put(
+                        self.out.put_nowait(
                             _stream_error(request_id, f"worker stream ended: {self.broken or 'closed'}")
                         )
             self.pending.clear()
-            await self.out.put(_STREAM_DONE)
+            self.out.put_nowait(_STREAM_DONE)
 
     async def close_writing(self) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):

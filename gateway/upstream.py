@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from typing import Any
 
 import grpc
@@ -26,33 +27,67 @@ class StreamBroken(Unavailable):
     """The worker's stream ended or broke before this request's result arrived (retried elsewhere)."""
 
 
+class _Stream:
+    """One open Infer call: its pending requests by tag, and the frames waiting for the writer."""
+
+    __slots__ = ("call", "closed", "outbox", "pending", "wake")
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.closed = False
+        self.pending: dict[int, asyncio.Future[worker_pb2.InferResult]] = {}
+        self.outbox: deque[worker_pb2.InferFrame] = deque()
+        self.wake = asyncio.Event()
+
+    def send(self, frame: worker_pb2.InferFrame) -> None:
+        self.outbox.append(frame)
+        self.wake.set()
+
+
 class WorkerLink:
-    """One multiplexed Infer stream to one worker: opened on first use, reopened after it breaks."""
+    """One multiplexed Infer stream to one worker: opened on first use, reopened after it breaks.
+
+    Frames are written by one writer task per stream, never by the requests' own tasks: in grpc.aio,
+    cancelling a task while it awaits `call.write()` cancels the whole call, so a client that gave up
+    (a cancel, a short deadline) in the middle of a write would break the stream every other request
+    shares.
+    """
 
     def __init__(self, channel: grpc.aio.Channel, address: str) -> None:
         self.address = address
         self._infer = worker_pb2_grpc.WorkerInferenceStub(channel).Infer
-        self._call: Any = None
-        self._pending: dict[int, asyncio.Future[worker_pb2.InferResult]] = {}
+        self._stream: _Stream | None = None
         self._next_tag = 0
-        self._write_lock = asyncio.Lock()
-        self._readers: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        return len(self._stream.pending) if self._stream is not None else 0
 
-    def _open(self) -> Any:
-        call = self._infer()
-        self._call = call
-        pending: dict[int, asyncio.Future[worker_pb2.InferResult]] = {}
-        self._pending = pending
-        reader = asyncio.get_running_loop().create_task(self._read(call, pending))
-        self._readers.add(reader)
-        reader.add_done_callback(self._readers.discard)
-        return call
+    def _open(self) -> _Stream:
+        stream = self._stream = _Stream(self._infer())
+        loop = asyncio.get_running_loop()
+        for work in (self._read(stream), self._write(stream)):
+            task = loop.create_task(work)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return stream
 
-    async def _read(self, call: Any, pending: dict[int, asyncio.Future[worker_pb2.InferResult]]) -> None:
+    async def _write(self, stream: _Stream) -> None:
+        call, outbox, wake = stream.call, stream.outbox, stream.wake
+        try:
+            while not stream.closed:
+                while outbox:
+                    await call.write(outbox.popleft())
+                wake.clear()
+                await wake.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the call ended or broke: the reader fails what is pending
+            call.cancel()
+
+    async def _read(self, stream: _Stream) -> None:
+        call, pending = stream.call, stream.pending
         reason = "the worker ended the stream"
         try:
             while True:
@@ -67,8 +102,12 @@ class WorkerLink:
         except asyncio.CancelledError:
             reason = "the gateway closed the stream"
         finally:
-            if self._call is call:
-                self._call = None
+            if self._stream is stream:
+                self._stream = None
+            stream.closed = True
+            call.cancel()  # ends the writer's write, if one is under way
+            stream.outbox.clear()
+            stream.wake.set()  # and its wait
             error = StreamBroken(f"worker {self.address}: {reason}")
             for fut in pending.values():
                 if not fut.done():
@@ -77,26 +116,23 @@ class WorkerLink:
 
     async def infer(self, request: bytes, timeout: float | None, request_id: str) -> bytes:
         """Sends one serialized ModelInferRequest; returns the serialized response or raises its error."""
-        call = self._call if self._call is not None else self._open()
-        pending = self._pending
+        stream = self._stream if self._stream is not None else self._open()
+        pending = stream.pending
         self._next_tag += 1
         tag = self._next_tag
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[worker_pb2.InferResult] = loop.create_future()
         pending[tag] = fut
-        frame = worker_pb2.InferFrame(
-            tag=tag,
-            request=request,
-            timeout_us=max(1, int(timeout * 1e6)) if timeout is not None else 0,
-            request_id=request_id,
+        stream.send(
+            worker_pb2.InferFrame(
+                tag=tag,
+                request=request,
+                timeout_us=max(1, int(timeout * 1e6)) if timeout is not None else 0,
+                request_id=request_id,
+            )
         )
         timer = None
         try:
-            try:
-                async with self._write_lock:
-                    await call.write(frame)
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
-                raise StreamBroken(f"worker {self.address}: stream closed ({type(exc).__name__})") from None
             if timeout is not None:
                 # The worker drops a request that expires in its queue; this covers one that stalls.
                 timer = loop.call_later(timeout + 0.05, _expire, fut)
@@ -104,10 +140,10 @@ class WorkerLink:
         except asyncio.CancelledError:
             # (Cancelling this task cancels the future it awaits too: a cancelled future had no result.)
             if fut.cancelled() or not fut.done():
-                self._cancel(call, tag)
+                self._cancel(stream, tag)
             raise
         except DeadlineExceeded:
-            self._cancel(call, tag)
+            self._cancel(stream, tag)
             raise
         finally:
             pending.pop(tag, None)
@@ -117,26 +153,18 @@ class WorkerLink:
             raise error_for_code(status_code(result.code), result.message)
         return bytes(result.response)
 
-    def _cancel(self, call: Any, tag: int) -> None:
-        """Tells the worker to drop a request nobody waits for any more (best effort, in the background)."""
-
-        async def send() -> None:
-            with contextlib.suppress(Exception):
-                async with self._write_lock:
-                    await call.write(worker_pb2.InferFrame(tag=tag, cancel=True))
-
-        if self._call is call:
-            task = asyncio.get_running_loop().create_task(send())
-            self._readers.add(task)
-            task.add_done_callback(self._readers.discard)
+    def _cancel(self, stream: _Stream, tag: int) -> None:
+        """Tells the worker to drop a request nobody waits for any more (best effort)."""
+        if self._stream is stream:
+            stream.send(worker_pb2.InferFrame(tag=tag, cancel=True))
 
     async def close(self) -> None:
-        call, self._call = self._call, None
-        if call is not None:
-            call.cancel()
-        for task in list(self._readers):
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.call.cancel()
+        for task in list(self._tasks):
             task.cancel()
-        for task in list(self._readers):
+        for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 

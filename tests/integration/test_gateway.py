@@ -245,6 +245,59 @@ async def test_merge_and_split_round_trip_with_bytes_outputs() -> None:
     assert merge_key(neutral) is None
 
 
+def _tinylm_request(prompt: str, max_tokens: int, request_id: str) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="tinylm", id=request_id)
+    encode_request(
+        request,
+        [
+            ("prompt", np.array([prompt.encode()], dtype=object), "BYTES"),
+            ("max_tokens", np.array([max_tokens], np.int32)),
+        ],
+    )
+    return request
+
+
+async def test_a_client_ending_its_stream_early_ejects_no_worker(env: Env) -> None:
+    # A cancelled stream, one whose deadline passes mid-generation, and one that ends on a request's
+    # own error (triton_grpc_error) are the client's doing: the worker stays in use for everyone.
+    gateway = env.stack.gateway
+    workers = [w.worker_id for w in env.stack.workers]
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        async def requests(*items: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferRequest]:
+            for item in items:
+                yield item
+            await asyncio.sleep(30)  # keep the stream open: the client ends it, not the request list
+
+        cancelled = stub.ModelStreamInfer(requests(_tinylm_request("the mesh", 400, "c1")))
+        first = await cancelled.read()
+        assert first.infer_response.id == "c1" and not first.error_message
+        cancelled.cancel()
+
+        expired = stub.ModelStreamInfer(requests(_tinylm_request("the mesh", 400, "d1")), timeout=0.3)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in expired:
+                pass
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        bad = _tinylm_request("x", 4, "e1")
+        bad.raw_input_contents[0] = b"\xff\xff\xff\x7f"  # a BYTES length prefix past the end
+        ended = stub.ModelStreamInfer(requests(bad), metadata=(("triton_grpc_error", "true"),))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in ended:
+                pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        await asyncio.sleep(0.3)  # the upstream streams wind down
+        assert not [w for w in workers if gateway.picker.is_ejected(w)]
+        x = pixels(2, seed=5)
+        result = await env.client.infer("digits", [digits_input(x)])
+        np.testing.assert_allclose(
+            result.as_numpy("logits"), env.art.digits_reference(x), rtol=1e-5, atol=1e-5
+        )
+
+
 async def _stream_texts(
     env: Env, requests: list[tuple[str, str, str, int]]
 ) -> tuple[dict[str, str], list[str], dict[str, bool]]:

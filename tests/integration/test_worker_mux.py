@@ -113,6 +113,35 @@ async def test_deadline_and_cancel_frames_free_the_queue(
     assert sv.stats.success.count == 0
 
 
+async def test_clients_giving_up_mid_write_leave_the_shared_stream_open(
+    worker: WorkerApp, store: ArtifactStore, mlp_path: Path, link: WorkerLink
+) -> None:
+    # In grpc.aio, cancelling a task inside call.write() cancels the whole call: requests cancelled a
+    # loop step or two after they start (while a write is under way) must not break the stream the
+    # other requests share.
+    await worker.manager.load(mlp_record(store, mlp_path, delay_us=0))
+    await link.infer(request_bytes(pixels(1)), None, "open")
+    stream = link._stream
+    big = pixels(16, seed=9)  # a larger frame keeps the write busy longer
+    for round_ in range(5):
+        tasks = [
+            asyncio.create_task(link.infer(request_bytes(big if i % 2 else pixels(1, seed=i)), None, f"r{i}"))
+            for i in range(24)
+        ]
+        for _ in range(round_):
+            await asyncio.sleep(0)
+        for task in tasks[::2]:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for i, r in enumerate(results):
+            if i % 2:
+                assert isinstance(r, bytes), f"round {round_}, request {i}: {r!r}"
+                np.testing.assert_allclose(logits(r), reference(big), rtol=1e-5, atol=1e-5)
+            else:
+                assert isinstance(r, asyncio.CancelledError | bytes)
+    assert link._stream is stream  # never broken, never reopened
+
+
 async def test_drain_refuses_frames_then_ends_the_stream(
     worker: WorkerApp, store: ArtifactStore, mlp_path: Path, link: WorkerLink
 ) -> None:
@@ -124,7 +153,7 @@ async def test_drain_refuses_frames_then_ends_the_stream(
     assert worker.mux is not None
     await worker.mux.close_streams()
     # The stream ended: the link notices, and opens a new one on next use.
-    await until(lambda: link._call is None, "the link to see the stream end")
+    await until(lambda: link._stream is None, "the link to see the stream end")
 
 
 async def test_a_dead_worker_fails_pending_frames_with_unavailable(
