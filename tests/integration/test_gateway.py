@@ -245,6 +245,44 @@ async def test_merge_and_split_round_trip_with_bytes_outputs() -> None:
     assert merge_key(neutral) is None
 
 
+async def test_short_client_deadlines_do_not_fail_other_clients(env: Env) -> None:
+    # Impatient clients (deadlines of a few ms, many expiring while their frame is being written to the
+    # worker's shared stream) get DEADLINE_EXCEEDED or an answer; a patient client alongside gets only
+    # answers, and no worker is ejected.
+    gateway = env.stack.gateway
+    stop = time.monotonic() + 1.5
+    impatient_codes: dict[str, int] = {}
+
+    async def impatient(seed: int) -> None:
+        x = pixels(64, seed=seed)
+        while time.monotonic() < stop:
+            try:
+                await env.client.infer(
+                    "digits", [digits_input(x)], client_timeout=0.002 + 0.0015 * (seed % 6)
+                )
+                code = "OK"
+            except InferenceServerException as exc:
+                code = str(exc.status())
+            impatient_codes[code] = impatient_codes.get(code, 0) + 1
+
+    async def patient() -> int:
+        n = 0
+        while time.monotonic() < stop:
+            x = pixels(1, seed=n)
+            result = await env.client.infer("digits", [digits_input(x)])
+            np.testing.assert_allclose(
+                result.as_numpy("logits"), env.art.digits_reference(x), rtol=1e-5, atol=1e-5
+            )
+            n += 1
+        return n
+
+    *_, answered = await asyncio.gather(*(impatient(i) for i in range(12)), patient())
+    assert answered > 0
+    assert set(impatient_codes) <= {"OK", "StatusCode.DEADLINE_EXCEEDED"}, impatient_codes
+    assert impatient_codes.get("StatusCode.DEADLINE_EXCEEDED", 0) > 0
+    assert not [w.worker_id for w in env.stack.workers if gateway.picker.is_ejected(w.worker_id)]
+
+
 def _tinylm_request(prompt: str, max_tokens: int, request_id: str) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name="tinylm", id=request_id)
     encode_request(
