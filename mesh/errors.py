@@ -42,6 +42,18 @@ class VersionNotFound(NotFound):
         self.version = version
 
 
+class InvalidVersion(InvalidArgument):
+    """A request's version string is neither a version number (an int64 in ASCII digits) nor an alias."""
+
+    def __init__(self, name: str, version: str) -> None:
+        shown = version if len(version) <= 40 else f"{version[:20]}...({len(version)} characters)"
+        super().__init__(
+            f"model_version: {shown!r} is neither a version number nor an alias of model '{name}'"
+        )
+        self.name = name
+        self.version = version
+
+
 class AlreadyExists(MeshError):
     code = grpc.StatusCode.ALREADY_EXISTS
 

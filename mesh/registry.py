@@ -24,7 +24,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from mesh.errors import FailedPrecondition, InvalidArgument, ModelNotFound, NotFound, VersionNotFound
+from mesh.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    InvalidVersion,
+    ModelNotFound,
+    NotFound,
+    VersionNotFound,
+)
+from mesh.versions import version_number
 from mesh_pb import common_pb2, registry_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -521,13 +529,14 @@ class Registry:
     async def resolve(self, model: str, version: str = "") -> int:
         """A version id from "" (heaviest traffic leg, else stable, else latest READY), "3" or an alias."""
         await self._require_model(model)
-        if version.isdigit():
-            await self.get_version(model, int(version))
-            return int(version)
+        number = version_number(version)
+        if number is not None:
+            await self.get_version(model, number)
+            return number
         aliases = await self.get_aliases(model)
         if version:
             if version not in aliases:
-                raise VersionNotFound(model, version)
+                raise InvalidVersion(model, version)
             return aliases[version]
         traffic = [(v, w) for v, w in await self.get_traffic(model) if w > 0]
         if traffic:
@@ -589,6 +598,8 @@ class Registry:
         rate_limit_rps: float = 0.0,
     ) -> tuple[str, str]:
         """Creates a key; returns (key_id, token). Only a hash of the secret is stored."""
+        if not name.strip():  # the name is how operators tell keys apart in `maas keys list`
+            raise InvalidArgument(f"name: a key needs a name, got {name!r}")
         if role not in (registry_pb2.INFER, registry_pb2.ADMIN):
             raise InvalidArgument(f"role: {role} is not INFER or ADMIN")
         if not rate_limit_rps >= 0:

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from mesh.errors import ModelNotFound, Unavailable, VersionNotFound
+from mesh.errors import InvalidVersion, ModelNotFound, Unavailable, VersionNotFound
+from mesh.versions import version_number
 from mesh_pb import common_pb2, router_pb2
 
 logger = logging.getLogger(__name__)
@@ -251,22 +252,22 @@ class Picker:
         split (sticky per request id when one is given, else random), else the `stable` alias, else the
         latest READY version. With "", a chosen version that has no usable endpoint falls back to another
         one that has, so a dead canary does not fail requests that named no version.
-        Raises ModelNotFound / VersionNotFound (and Unavailable for "" when the model has versions but none
-        is READY yet); readiness of a named version is checked by `acquire` (Unavailable).
+        Raises ModelNotFound / VersionNotFound, InvalidVersion for a string that is neither a version
+        number nor an alias, and Unavailable for "" when the model has versions but none is READY yet;
+        readiness of a named version is checked by `acquire` (Unavailable).
         """
         m = self._models.get(model)
         if m is None:
             raise ModelNotFound(model)
         if version:
-            if version.isdigit():
-                v = int(version)
-                if v in m.versions:
-                    return v
+            v = version_number(version)
+            if v is None:
+                v = m.aliases.get(version)
+                if v is None:
+                    raise InvalidVersion(model, version)
+            if v not in m.versions:
                 raise VersionNotFound(model, version)
-            aliased = m.aliases.get(version)
-            if aliased is None or aliased not in m.versions:
-                raise VersionNotFound(model, version)
-            return aliased
+            return v
         chosen = self._policy_version(m, request_id)
         if chosen is None:
             if m.versions:  # registered or loading, not READY yet: worth a retry later

@@ -25,6 +25,7 @@ from mesh.codec import InputSpecs
 from mesh.errors import (
     FailedPrecondition,
     InvalidArgument,
+    InvalidVersion,
     MeshError,
     ModelNotFound,
     ResourceExhausted,
@@ -32,6 +33,7 @@ from mesh.errors import (
     VersionNotFound,
 )
 from mesh.store import ArtifactStore
+from mesh.versions import version_number
 from mesh_pb import common_pb2, worker_pb2
 from workers.batcher import BatchingPolicy, BatchObserver, DynamicBatcher, VersionStats
 from workers.runtimes import Runtime, load_runtime, serving_thread_init
@@ -292,10 +294,10 @@ class ModelManager:
         versions = self._models.get(name)
         if versions is None:
             raise ModelNotFound(name)
-        try:
-            sv = versions.get(int(version))  # type: ignore[assignment]
-        except ValueError:
-            raise VersionNotFound(name, version) from None
+        number = version_number(version)
+        if number is None:  # a worker knows no aliases: the gateway sends it version numbers
+            raise InvalidVersion(name, version)
+        sv = versions.get(number)  # type: ignore[assignment]
         if sv is None:
             raise VersionNotFound(name, version)
         return sv

@@ -195,6 +195,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         try:
             self.manager.resolve(request.name, request.version)
+        except InvalidArgument:
+            raise  # an unparseable version is the caller's error, as on the gateway and in Triton
         except MeshError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)

@@ -166,6 +166,62 @@ async def test_errors_name_the_field(env: Env) -> None:
     assert code == "StatusCode.NOT_FOUND"
 
 
+# str.isdigit() takes the first, int() takes the next two as 1, and int() refuses the 4301-digit one.
+_UNPARSEABLE_VERSIONS = ["²", "１", "١", "abc", "9" * 4301, "-1", " 1", str(2**63)]
+
+
+async def test_unparseable_versions_are_invalid_argument(env: Env) -> None:
+    c = env.client
+    x = pixels(1)
+
+    async def code_of(coro: object) -> tuple[str, str]:
+        with pytest.raises(InferenceServerException) as info:
+            await coro  # type: ignore[misc]
+        return str(info.value.status()), str(info.value.message())
+
+    for version in _UNPARSEABLE_VERSIONS:
+        for what, call in (
+            ("infer", c.infer("digits", [digits_input(x)], model_version=version)),
+            ("ready", c.is_model_ready("digits", version)),
+            ("metadata", c.get_model_metadata("digits", version)),
+            ("config", c.get_model_config("digits", version)),
+            ("statistics", c.get_inference_statistics("digits", version)),
+        ):
+            code, msg = await code_of(call)
+            assert code == "StatusCode.INVALID_ARGUMENT" and msg.startswith("model_version:"), (what, msg)
+            assert len(msg) < 200  # the 4301-digit string is not echoed back whole
+
+    # On a stream each bad version is that request's error; the stream and the other requests go on.
+    async def source() -> AsyncIterator[dict[str, object]]:
+        for i, version in enumerate([*_UNPARSEABLE_VERSIONS, str(env.digits)]):
+            yield {
+                "model_name": "digits",
+                "inputs": [digits_input(x)],
+                "model_version": version,
+                "request_id": str(i),
+            }
+
+    answered, errors = [], []
+    async for result, error in c.stream_infer(source()):
+        if error is not None:
+            errors.append(str(error))
+        else:
+            answered.append(result.get_response().id)
+    assert answered == [str(len(_UNPARSEABLE_VERSIONS))]
+    assert len(errors) == len(_UNPARSEABLE_VERSIONS) and all("model_version:" in e for e in errors), errors
+
+    # Well-formed versions keep their meaning: a missing one is NOT_FOUND, the largest int64 included.
+    for version in ("99", str(2**63 - 1)):
+        code, msg = await code_of(c.infer("digits", [digits_input(x)], model_version=version))
+        assert code == "StatusCode.NOT_FOUND" and "model_version" in msg
+    assert not await c.is_model_ready("digits", "99")
+    # ... and the gateway still serves, with a pinned version and without one.
+    pinned = await c.infer("digits", [digits_input(x)], model_version=str(env.digits))
+    assert pinned.get_response().model_version == str(env.digits)
+    assert await c.is_model_ready("digits", str(env.digits))
+    await c.infer("digits", [digits_input(x)])
+
+
 def _coalesced_calls() -> tuple[float, float]:
     count = REGISTRY.get_sample_value("maas_gateway_coalesced_requests_count", {"model": "digits"}) or 0.0
     total = REGISTRY.get_sample_value("maas_gateway_coalesced_requests_sum", {"model": "digits"}) or 0.0

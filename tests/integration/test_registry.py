@@ -13,6 +13,7 @@ from mesh.errors import (
     FailedPrecondition,
     IntegrityError,
     InvalidArgument,
+    InvalidVersion,
     ModelNotFound,
     NotFound,
     VersionNotFound,
@@ -106,6 +107,11 @@ async def test_aliases_and_traffic(registry: Registry) -> None:
     model = await registry.set_traffic("digits", [(v1, 90), (v2, 10)])
     assert [(t.version, t.weight) for t in model.traffic] == [(v1, 90.0), (v2, 10.0)]
     assert await registry.resolve("digits") == v1
+    for junk in ("²", "１", "9" * 4301, "prod"):  # neither a version number nor an alias
+        with pytest.raises(InvalidVersion, match=r"^model_version: "):
+            await registry.resolve("digits", junk)
+    with pytest.raises(VersionNotFound):
+        await registry.resolve("digits", "99")
     for bad, field in (
         ([(v1, -1)], r"traffic\[0\].weight"),
         ([(v1, 0)], "traffic: "),

@@ -144,6 +144,16 @@ async def test_infer_metadata_config_statistics(
             await aclient.infer("mlp", [infer_input(x2)], model_version="7")
         assert err.value.status() == "StatusCode.NOT_FOUND"
         assert "'7'" in err.value.message() and "mlp" in err.value.message()
+        # The worker parses versions like the gateway: "１" is not version 1, "²" no crash.
+        for bad in ("１", "²", "9" * 4301):
+            with pytest.raises(InferenceServerException) as err:
+                await aclient.infer("mlp", [infer_input(x2)], model_version=bad)
+            assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+            assert err.value.message().startswith("model_version:")
+            with pytest.raises(InferenceServerException) as err:
+                await aclient.is_model_ready("mlp", bad)
+            assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert not await aclient.is_model_ready("mlp", "7")
         with pytest.raises(InferenceServerException) as err:
             await aclient.infer("nope", [infer_input(x2)])
         assert err.value.status() == "StatusCode.NOT_FOUND"
@@ -252,8 +262,12 @@ def _stream_scenario(address: str, empty_final: bool) -> list[tuple[str, bool, b
         bad = tc.InferInput("nope", [1], "BYTES")
         bad.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
         client.async_stream_infer("tinylm", [bad], request_id="s2")
+        # asking for no tokens at all: refused the same way
+        none = tc.InferInput("max_tokens", [1], "INT32")
+        none.set_data_from_numpy(np.array([0], dtype=np.int32))
+        client.async_stream_infer("tinylm", [prompt, none], request_id="s3")
         finals = 0
-        while finals < 2:
+        while finals < 3:
             item = got.get(timeout=20)
             out.append(item)
             finals += item[1]
@@ -269,8 +283,9 @@ async def test_streaming_decoupled(
 ) -> None:
     await worker.manager.load(tinylm_record(store, artifacts["tinylm"]))
     out = await asyncio.wait_for(asyncio.to_thread(_stream_scenario, worker.address, empty_final), 60)
-    errors = [o for o in out if o[0].startswith("error:")]
-    assert len(errors) == 1 and "nope" in errors[0][0]
+    errors = [o[0] for o in out if o[0].startswith("error:")]
+    assert len(errors) == 2 and any("nope" in e for e in errors)
+    assert any("max_tokens: must be at least 1, got 0" in e for e in errors)
     data = [o for o in out if o[0] == "s1"]
     assert data[-1][1] is True and all(not final for _, final, _ in data[:-1])
     texts = [t for _, _, t in data if t is not None]

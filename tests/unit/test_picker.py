@@ -6,9 +6,11 @@ import random
 from collections import Counter
 from collections.abc import Mapping
 
+import grpc
 import pytest
 
-from mesh.errors import ModelNotFound, Unavailable, VersionNotFound
+from mesh.errors import InvalidVersion, ModelNotFound, Unavailable, VersionNotFound
+from mesh.versions import version_number
 from mesh_pb import common_pb2, router_pb2
 from router.picker import Picker, request_fraction
 
@@ -62,8 +64,29 @@ def test_explicit_version_alias_and_unknowns() -> None:
         p.resolve("nope", "")
     with pytest.raises(VersionNotFound):
         p.resolve("digits", "9")
-    with pytest.raises(VersionNotFound):
+    # Neither a number nor an alias: INVALID_ARGUMENT, as Triton answers for a version it cannot parse
+    # (this was NOT_FOUND before; a well-formed number that is not there stays NOT_FOUND).
+    with pytest.raises(InvalidVersion, match=r"^model_version: 'prod' is neither"):
         p.resolve("digits", "prod")
+
+
+@pytest.mark.parametrize("version", ["²", "１", "١", "9" * 4301, "-1", "+1", " 1", "1.0", "0x1", str(2**63)])
+def test_unparseable_versions_are_invalid_argument(version: str) -> None:
+    # str.isdigit() takes "²", int() reads "１" and "١" as 1 and refuses more than 4300 digits.
+    p = _picker(_table(versions={1: [_ep("w1")]}, aliases={"stable": 1}))
+    assert version_number(version) is None
+    with pytest.raises(InvalidVersion, match=r"^model_version: ") as err:
+        p.resolve("digits", version)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and len(err.value.message) < 200
+
+
+def test_version_numbers() -> None:
+    assert [version_number(v) for v in ("1", "007", "0", str(2**63 - 1))] == [1, 7, 0, 2**63 - 1]
+    assert version_number("") is None and version_number("stable") is None
+    p = _picker(_table(versions={7: [_ep("w1")]}))
+    assert p.resolve("digits", "007") == 7
+    with pytest.raises(VersionNotFound):
+        p.resolve("digits", str(2**63 - 1))
 
 
 def test_latest_ready_without_stable_or_traffic() -> None:
