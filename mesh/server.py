@@ -111,6 +111,26 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         raise NotImplementedError
 
 
+def _call_over(context: grpc.aio.ServicerContext) -> bool:
+    """Whether a call can no longer carry a status: one was sent already, or its deadline has passed.
+
+    grpc.aio's context has no "the client went away" flag (`cancelled()` only reports a CANCELLED code the
+    handler set itself); past the deadline the client has its DEADLINE_EXCEEDED and grpc core ends the
+    call, so an abort() then fails in core, which grpc logs as an ERROR with a traceback per call.
+    """
+    if context.done():
+        return True
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+def _client_gone(method: str, code: grpc.StatusCode) -> asyncio.CancelledError:
+    """What ends a handler whose client has gone: grpc treats CancelledError as a cancelled call and
+    only logs it at DEBUG."""
+    log.debug("%s ended with %s after its client had gone", method, code.name)
+    return asyncio.CancelledError()
+
+
 class ErrorInterceptor(WrappingInterceptor):
     """Maps MeshError to its status code, anything unexpected to INTERNAL (logged), sets request ids."""
 
@@ -120,13 +140,20 @@ class ErrorInterceptor(WrappingInterceptor):
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
         if isinstance(exc, MeshError):
-            await context.abort(exc.code, bounded_message(exc.message))
-        if isinstance(exc, NotImplementedError):  # generated base servicers raise it for RPCs not served
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by {self.service}"
-            )
-        log.error("unhandled error in %s", method, exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
+            code, details = exc.code, bounded_message(exc.message)
+        elif isinstance(exc, NotImplementedError):  # generated base servicers raise it for RPCs not served
+            code, details = grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by {self.service}"
+        else:
+            log.error("unhandled error in %s", method, exc_info=exc)
+            code, details = grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}"
+        if _call_over(context):
+            raise _client_gone(method, code)
+        try:
+            await context.abort(code, details)
+        except grpc.aio.InternalError:
+            # grpc core ended the call (deadline, client cancel) while the status was on its way: the
+            # failed send is no error of the handler's, and nobody is left to tell.
+            raise _client_gone(method, code) from None
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         abort = self._abort

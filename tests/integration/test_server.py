@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -9,12 +11,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from mesh.errors import InvalidArgument, NotFound, Unavailable, from_rpc_error
+from mesh.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable, from_rpc_error
 from mesh.server import ServiceHost, open_channel
 from mesh.v2 import SERVICE_NAME, pb, pb_grpc
 
 
 class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    expired = 0
+
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
@@ -30,6 +34,23 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelMetadataResponse:
         raise ZeroDivisionError("a bug")
 
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        # Like the worker's queue timer: fails the request at its deadline (shifted by `version`
+        # microseconds), the moment grpc core ends the call for the same deadline.
+        loop = asyncio.get_running_loop()
+        failed: asyncio.Future[pb.ModelConfigResponse] = loop.create_future()
+        delay = (context.time_remaining() or 0.0) + int(request.version) / 1e6
+
+        def expire() -> None:
+            if not failed.done():
+                self.expired += 1
+                failed.set_exception(DeadlineExceeded("waited in the queue past its deadline"))
+
+        loop.call_later(delay, expire)
+        return await failed
+
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -40,9 +61,14 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 @pytest.fixture
-async def host() -> AsyncIterator[ServiceHost]:
+def servicer() -> _Servicer:
+    return _Servicer()
+
+
+@pytest.fixture
+async def host(servicer: _Servicer) -> AsyncIterator[ServiceHost]:
     h = ServiceHost("test")
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(), h.server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, h.server)
     h.add_service(SERVICE_NAME)
     await h.start("127.0.0.1:0")
     yield h
@@ -80,6 +106,35 @@ async def test_errors_map_to_status_codes(host: ServiceHost) -> None:
         )
         # The server survived all of it.
         assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+
+
+async def test_errors_raised_after_the_deadline_are_not_logged(
+    host: ServiceHost, servicer: _Servicer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A handler failing at the instant its deadline passes must not try to send a status on the call
+    # grpc core has just ended: grpc logs that failed send as an ERROR with a traceback, per request.
+    caplog.set_level(logging.INFO)
+    async with open_channel(host.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        async def call(shift_us: int) -> None:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ModelConfig(pb.ModelConfigRequest(name="m", version=str(shift_us)), timeout=0.05)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        # The race with core's deadline timer is won a few times in a hundred: shifts spread the handler's
+        # failures over a few milliseconds either side of the deadline.
+        for _ in range(10):
+            await asyncio.gather(*(call(shift) for shift in range(-1500, 3000, 50)))
+        await asyncio.sleep(0.2)  # let grpc finish the calls (and log, if it would)
+        assert servicer.expired > 0  # handlers did fail around their deadline, not only get cancelled
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not errors, [r.getMessage() for r in errors[:3]]
+        # Live calls keep their status, and the server still answers.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ModelReady(pb.ModelReadyRequest(name="nope"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (await stub.ServerLive(pb.ServerLiveRequest(), timeout=5)).live
 
 
 async def test_health_and_reflection(host: ServiceHost) -> None:
