@@ -482,9 +482,16 @@ def validate_request(
         missing = [name for name in required if name not in present]
     if missing:
         raise InvalidArgument(f"inputs: missing required input(s) {', '.join(repr(n) for n in missing)}")
-    for j, wanted in enumerate(request.outputs):
-        if wanted.parameters:
-            _check_parameter_map(wanted.parameters, f"outputs[{j}].parameters", _OUTPUT_PARAMETERS)
+    if request.outputs:
+        asked: dict[str, int] = {}
+        for j, wanted in enumerate(request.outputs):
+            if wanted.name in asked:  # Triton refuses it too: one output cannot be returned twice
+                raise InvalidArgument(
+                    f"outputs[{j}].name: duplicate output {wanted.name!r} (also outputs[{asked[wanted.name]}])"
+                )
+            asked[wanted.name] = j
+            if wanted.parameters:
+                _check_parameter_map(wanted.parameters, f"outputs[{j}].parameters", _OUTPUT_PARAMETERS)
     if request.parameters:
         check_parameters(request.parameters)
 

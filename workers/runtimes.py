@@ -450,6 +450,10 @@ class ModuleStateRuntime(TorchRuntime):
                 kwargs[name] = flat[0].item()
             else:
                 kwargs[name] = torch.from_numpy(arr)
+        max_tokens = kwargs.get("max_tokens")
+        # The model caps a huge count itself (MAX_GENERATE_TOKENS); asking for none is the client's error.
+        if isinstance(max_tokens, int) and max_tokens < 1:
+            raise InvalidArgument(f"max_tokens: must be at least 1, got {max_tokens}")
         out_name = self.output_specs[0].name if self.output_specs else "output__0"
         with torch.inference_mode():
             for chunk in gen(**kwargs):

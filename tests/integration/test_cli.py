@@ -99,3 +99,10 @@ def test_keys(env: Path, redis_url: str, prefix: str) -> None:
     assert key.key_id in listing.output and token.split(".")[1] not in listing.output
     assert runner.invoke(app, ["keys", "revoke", key.key_id]).exit_code == 0
     assert on_registry(redis_url, prefix, lambda r: r.verify_api_key(token)) is None
+
+
+@pytest.mark.parametrize("name", ["", "   ", "\t"])
+def test_keys_need_a_name(env: Path, redis_url: str, prefix: str, name: str) -> None:
+    result = runner.invoke(app, ["keys", "create", name, "--rate", "5"])
+    assert result.exit_code == 1 and "INVALID_ARGUMENT" in result.output and "name:" in result.output
+    assert on_registry(redis_url, prefix, lambda r: r.list_api_keys()) == []

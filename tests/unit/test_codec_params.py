@@ -149,6 +149,18 @@ def test_second_output_is_named() -> None:
         validate_request(req, SPECS, 64)
 
 
+def test_duplicate_output_is_refused() -> None:
+    req = _request()
+    _with_output(req, "logits")
+    _with_output(req, "probs")
+    validate_request(req, SPECS, 64)  # distinct names pass (unknown ones are the worker's to refuse)
+    _with_output(req, "logits")
+    with pytest.raises(
+        InvalidArgument, match=r"^outputs\[2\]\.name: duplicate output 'logits' \(also outputs\[0\]\)$"
+    ):
+        validate_request(req, SPECS, 64)
+
+
 @pytest.mark.parametrize(
     ("kind", "value", "message"),
     [

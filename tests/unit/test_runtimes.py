@@ -165,6 +165,9 @@ def test_decoupled_generate(store: ArtifactStore, tmp_path: Path) -> None:
     assert len(chunks) == 3
     assert all(c["text"].shape == (1,) and isinstance(c["text"][0], bytes) for c in chunks)
     assert sum(len(c["text"][0]) for c in chunks) == 9
+    for bad in (0, -5):
+        with pytest.raises(InvalidArgument, match=rf"^max_tokens: must be at least 1, got {bad}$"):
+            list(rt.generate({"prompt": prompt, "max_tokens": np.array([bad], np.int32)}))
 
 
 def test_unknown_format_and_device(store: ArtifactStore, tmp_path: Path) -> None:
