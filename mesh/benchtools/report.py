@@ -60,22 +60,28 @@ requests answered). What the parts cost, measured in-process while tuning:
   Python gRPC hop on this machine, and whether a run meets it depends on the moment's noise.
 - **The worker on top of gRPC** (digits, batch 1). The exported program is called as its graph with
   its lifted weights passed in: about 30 µs per forward pass in a tight loop, against about 65 µs
-  through `ExportedProgram.module()` (argument flattening, input guards, module hooks). Decode,
-  validate and encode add about 15 µs, and the whole handler measures about 80 µs in-process. In a
-  server, interleaved with gRPC work, the same torch call costs much more: adding one eager MLP forward
-  to the bare echo's handler raised its CPU per request by about 0.2 ms, since caches are cold between
-  requests. That is most of the worker's 0.3-0.45 ms gap to the echo at concurrency 1. A lone request
-  runs inline on the event loop, with no queue and no thread hand-off, when the version's forward pass
-  averages under 0.5 ms and its `max_queue_delay_us` is 0, as for the digits demo.
+  through `ExportedProgram.module()` (argument flattening, input guards, module hooks). In a server,
+  interleaved with gRPC work, everything costs several times its tight-loop figure, since caches are
+  cold between requests: measured inside a running worker (thread CPU time per request), the handler
+  takes 0.25-0.3 ms, of which the forward pass about 0.15 ms (the graph call alone 0.09-0.1 ms, six
+  aten calls), decoding and validating about 0.04 ms, encoding about 0.01 ms. The request path is
+  kept short for that reason: the loop and compute threads hold `torch.inference_mode` instead of
+  entering it per call, validated raw inputs are viewed without a second round of checks, outputs
+  are encoded in place, and the per-version Prometheus series are plain counters turned into metric
+  families at scrape time. A lone request runs inline on the event loop, with no queue and no
+  thread hand-off, when the version's forward pass averages under 0.5 ms and its
+  `max_queue_delay_us` is 0, as for the digits demo.
 - **Coalescing at concurrency 16.** The gateway merges the requests that queue behind its in-flight
   calls into one upstream request, so the worker sees a few large requests instead of sixteen small
-  ones. Its CPU per client request falls from about 0.45-0.55 ms (direct) to 0.2-0.3 ms. The mesh then
-  runs at about 85-97% of direct-to-worker throughput. What is left is the gateway's own server-side
-  gRPC cost per client request (about 0.3-0.45 ms), which nothing after it can merge away. That ratio
-  holds for a Python client, which spends about 0.15 ms of the same core per request itself. Triton's
-  C++ perf_analyzer spends almost nothing, so its direct figure is the worker alone, and the mesh
-  reaches about 55-60% of it. On one core the CPU of every process on the path adds up. On a machine
-  where the gateway has a core of its own, the slower of the two processes sets the mesh's throughput.
+  ones, and its CPU per client request falls to about half of what it spends on direct requests.
+  What is left is the gateway's own server-side gRPC cost per client request, which nothing after
+  it can merge away; on one core the CPU of every process on the path adds up, so the ratio depends
+  on the client too: a Python client spends about 0.15-0.25 ms of the same core per request itself,
+  Triton's C++ perf_analyzer almost nothing. perf_analyzer sends the request parameter
+  `triton_enable_empty_final_response` on every ModelInfer; requests carrying only that parameter
+  merge like any other (before they were kept apart, and perf_analyzer reached only 57-63% of direct
+  through the gateway). On a machine where the gateway has a core of its own, the slower of the two
+  processes sets the mesh's throughput.
 - **Dynamic batching on CPU.** encoder small is compute-bound here: one torch thread spends about as
   long per sequence at batch 32 as at batch 1 (the "batching ceiling" table), so batching on cannot
   give much more than that ratio over batching off. The 3× goal needs a device where batching is
