@@ -16,6 +16,7 @@ from mesh.errors import InvalidArgument
 from mesh.registry import state_name
 from mesh.settings import MeshSettings
 from mesh.store import ArtifactStore
+from mesh.versions import version_number
 from mesh_pb import common_pb2, registry_pb2
 
 app = typer.Typer(help="Models and versions in the registry.", no_args_is_help=True)
@@ -156,12 +157,14 @@ def traffic(
         pairs = []
         for i, item in enumerate(weights):
             version, sep, weight = item.partition("=")
+            number = version_number(version)
             try:
-                pairs.append((int(version), float(weight)))
+                share = float(weight)
             except ValueError:
-                raise InvalidArgument(f"weights[{i}]: {item!r} is not VERSION=WEIGHT") from None
-            if not sep:
+                share = None
+            if not sep or number is None or share is None:
                 raise InvalidArgument(f"weights[{i}]: {item!r} is not VERSION=WEIGHT")
+            pairs.append((number, share))
         async with open_registry(redis_url) as reg:
             m = await reg.set_traffic(model, pairs)
         console.print(f"{model} traffic: {[(t.version, t.weight) for t in m.traffic]}")

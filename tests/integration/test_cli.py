@@ -75,8 +75,9 @@ def test_models_register_alias_traffic_retire(env: Path, redis_url: str, prefix:
 def test_clear_errors(env: Path) -> None:
     result = runner.invoke(app, ["models", "show", "nope"])
     assert result.exit_code == 1 and "NOT_FOUND" in result.output and "nope" in result.output
-    result = runner.invoke(app, ["models", "traffic", "nope", "1=x"])
-    assert result.exit_code == 1 and "INVALID_ARGUMENT" in result.output and "weights[0]" in result.output
+    for bad in ("1=x", "\u0661=50", "\u00b2=50", "90"):  # "١" and "²" are no version numbers
+        result = runner.invoke(app, ["models", "traffic", "nope", bad])
+        assert result.exit_code == 1 and "INVALID_ARGUMENT" in result.output and "weights[0]" in result.output
     bad_sig = env / "bad.json"
     bad_sig.write_text(
         '{"inputs": [{"name": "x", "datatype": "FLOAT", "shape": [1]}], "outputs": [{"name": "y", "datatype": "FP32", "shape": [1]}]}'
