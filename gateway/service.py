@@ -246,6 +246,13 @@ class _StreamUpstream:
         self.reader.cancel()
 
 
+def inflight_for_device(device: str) -> int:
+    """Upstream calls per worker before requests queue and merge, when the setting leaves it to the
+    device: one on a CPU worker (measured on a 2-vCPU box at concurrency 16 with perf_analyzer: 94-104%
+    of direct-to-worker throughput with one, 74-84% with two), two on an accelerator."""
+    return 1 if device.startswith("cpu") else 2
+
+
 class GatewayService:
     """The public v2 API's logic, transport-free: the servicer decodes, calls these methods, encodes."""
 
@@ -269,12 +276,12 @@ class GatewayService:
         self._eject_s = settings.eject_s
         self._default_timeout = settings.default_timeout_s if settings.default_timeout_s > 0 else None
         self._coalesce = settings.coalesce
-        self._per_worker = max(1, settings.coalesce_inflight_per_worker)
+        self._per_worker = max(0, settings.coalesce_inflight_per_worker)  # 0: by device
         self.coalescer = Coalescer(
             max_inflight=self._max_inflight,
             window_s=max(0.0, settings.coalesce_window_ms) / 1000.0,
             on_batch=self._on_batch,
-            min_inflight=self._per_worker,
+            min_inflight=max(1, self._per_worker),
         )
         self._stubs: dict[str, Any] = {}
         self._links: dict[str, WorkerLink] = {}
@@ -374,12 +381,17 @@ class GatewayService:
 
     def _max_inflight(self, group: Hashable) -> int:
         model, version = cast(tuple[str, int], group)
+        per_worker = self._per_worker
         try:
             info = self.picker.version_info(model, version)
         except MeshError:
-            return self._per_worker
-        n = sum(1 for e in info.endpoints if e.healthy and not self.picker.is_ejected(e.worker_id))
-        return max(1, n) * self._per_worker
+            return max(1, per_worker)
+        picker = self.picker
+        n = 0
+        for e in info.endpoints:
+            if e.healthy and not picker.is_ejected(e.worker_id):
+                n += per_worker or inflight_for_device(e.device)
+        return max(1, n)
 
     def _on_batch(self, group: Hashable, requests: int, rows: int) -> None:
         METRICS.coalesced(group[0], requests, rows)  # type: ignore[index]

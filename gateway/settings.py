@@ -79,8 +79,11 @@ class GatewaySettings(MeshSettings):
     """Extra wait for more requests before sending a batch; 0 = merge only what queues up while the
     version's upstream calls are busy (no added latency for a lone request)."""
 
-    coalesce_inflight_per_worker: int = 2
-    """Upstream calls per worker a version may have in flight before new requests queue (and merge)."""
+    coalesce_inflight_per_worker: int = Field(default=0, ge=0)
+    """Upstream calls per worker a version may have in flight before new requests queue (and merge);
+    0 = by the worker's device: 1 on a CPU (its cores compute one batch at a time, so a second call in
+    flight only splits what would have merged), 2 on an accelerator (the next batch travels while one
+    computes)."""
 
     public_tls_cert_file: Path | None = None
     """PEM certificate for TLS on the public port (with public_tls_key_file)."""

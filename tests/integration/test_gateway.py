@@ -258,6 +258,12 @@ async def test_coalesced_requests_equal_single_requests(env: Env) -> None:
         calls, merged = _coalesced_calls()
         # 48 requests at once cannot all find a free upstream slot: some were merged into shared calls.
         assert merged - merged_before > calls - calls_before > 0
+        # By default a CPU worker gets one upstream call in flight per version (more queue and merge).
+        service = env.stack.gateway.service
+        assert [e.device for e in env.stack.gateway.picker.version_info("digits", env.digits).endpoints] == [
+            "cpu"
+        ]
+        assert service._max_inflight(("digits", env.digits)) == 1
         # Only perf_analyzer-shaped requests: they merge as well.
         await asyncio.gather(*(like_perf_analyzer(i, x) for i, x in enumerate(inputs)))
         calls_after, merged_after = _coalesced_calls()

@@ -71,7 +71,11 @@ async def stack(
     gate: threading.Event,
 ) -> AsyncIterator[Stack]:
     # Both upstream paths: frames on the multiplexed stream (cancel frames) and one v2 call per request.
-    async with running_stack(redis_url, prefix, store, upstream=request.param) as s:
+    # Two calls in flight per worker, so that request B reaches the worker's queue behind A (with one,
+    # B would wait in the gateway's coalescing queue instead).
+    async with running_stack(
+        redis_url, prefix, store, upstream=request.param, coalesce_inflight_per_worker=2
+    ) as s:
         path = save_module_state(GatedDouble({"gate": "main"}), tmp_path / "gated.pt")
         art = store.put_file(MODEL, "1", path, "model.pt")
         sig = common_pb2.Signature(
