@@ -154,6 +154,7 @@ class Report:
     started: float = field(default_factory=time.time)
     rows: list[Row] = field(default_factory=list)
     perf_rows: list[tuple[str, str, int, float, float, float]] = field(default_factory=list)
+    perf_runs: int = 1
     """(target, model, concurrency, req/s, p50 ms, p99 ms) from perf_analyzer."""
     perf_commands: list[str] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
@@ -254,9 +255,13 @@ class Report:
                 "| target | model | concurrency | req/s | p50 ms | p99 ms |",
                 "| --- | --- | ---: | ---: | ---: | ---: |",
             ]
-            for target, model, c, rps, p50, p99 in self.perf_rows:
+            for target, model, c, rps, p50, p99 in sorted(
+                self.perf_rows, key=lambda r: (r[0] != "worker", r[0], r[2])
+            ):
                 out.append(f"| {target} | {model} | {c} | {rps:,.0f} | {p50:.2f} | {p99:.2f} |")
             out.append("")
+            if self.perf_runs > 1:
+                out += [f"Each row: the median of {self.perf_runs} runs, the targets interleaved.", ""]
             out += [f"- `{cmd}`" for cmd in self.perf_commands]
             out.append("")
         for section in self.extra_sections:
