@@ -144,6 +144,11 @@ class Runtime(ABC):
     def decoupled(self) -> bool:
         return self.signature.decoupled
 
+    @functools.cached_property
+    def output_types(self) -> dict[str, str]:
+        """The signature's output datatypes by name."""
+        return {s.name: s.datatype for s in self.output_specs}
+
     @abstractmethod
     def load(self) -> None:
         """Reads the artifact and places the model on the device."""
@@ -199,7 +204,7 @@ class TorchRuntime(Runtime):
             if len(values) != len(names):
                 raise Internal(f"model returned {len(values)} outputs, signature declares {len(names)}")
             items = list(zip(names, values, strict=True))
-        specs = self._output_types
+        specs = self.output_types
         out: Arrays = {}
         for name, value in items:
             if not isinstance(value, torch.Tensor):
@@ -217,10 +222,6 @@ class TorchRuntime(Runtime):
                 value = value.cpu()
             out[name] = value.numpy()
         return out
-
-    @functools.cached_property
-    def _output_types(self) -> dict[str, str]:
-        return {s.name: s.datatype for s in self.output_specs}
 
     def forward(self, inputs: Mapping[str, np.ndarray]) -> Arrays:
         assert self.module is not None, "runtime not loaded"

@@ -161,7 +161,6 @@ class ServedVersion:
     loaded_ms: int
     last_used_ms: int = 0
     streams: int = 0
-    output_types: dict[str, str] = field(default_factory=dict)
     metrics: VersionMetrics = field(default_factory=VersionMetrics)
 
     # The record never changes while the version is loaded: read its fields once, not per request.
@@ -471,7 +470,6 @@ class ModelManager:
             memory_bytes=memory,
             loaded_ms=_now_ms(),
             last_used_ms=_now_ms(),
-            output_types={o.name: o.datatype for o in record.signature.outputs},
             metrics=metrics,
         )
         self._models.setdefault(name, {})[version] = sv

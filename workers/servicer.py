@@ -60,7 +60,7 @@ def _deadline(request: pb.ModelInferRequest, remaining: float | None) -> float |
 def _select_outputs(
     sv: ServedVersion, request: pb.ModelInferRequest, outputs: dict[str, Any]
 ) -> list[tuple[str, Any, str | None]]:
-    types = sv.output_types
+    types = sv.runtime.output_types
     if not request.outputs:
         return [(name, arr, types.get(name)) for name, arr in outputs.items()]
     selected = []
