@@ -671,17 +671,23 @@ def _named(items: NamedArrays) -> list[tuple[str, np.ndarray, str | None]]:
     return out
 
 
+def _append_raw(tensors: Any, raws: Any, items: NamedArrays) -> None:
+    """Appends each (name, array[, datatype]) to a request's inputs or a response's outputs, its bytes
+    to the matching raw contents. Tensors are filled in place: append() would copy each message."""
+    for name, arr, datatype in _named(items):
+        a, datatype, raw = _encode(name, arr, datatype)
+        tensor = tensors.add()
+        tensor.name = name
+        tensor.datatype = datatype
+        tensor.shape.extend(a.shape)
+        raws.append(raw)
+
+
 def encode_response(response: pb.ModelInferResponse, outputs: NamedArrays) -> pb.ModelInferResponse:
     """Appends outputs with raw_output_contents (one per output, same order; never typed contents)."""
     if len(response.outputs) != len(response.raw_output_contents):
         raise Internal("outputs: response already mixes outputs without raw_output_contents")
-    for name, arr, datatype in _named(outputs):
-        a, datatype, raw = _encode(name, arr, datatype)
-        tensor = response.outputs.add()  # filled in place: append() would copy the message
-        tensor.name = name
-        tensor.datatype = datatype
-        tensor.shape.extend(a.shape)
-        response.raw_output_contents.append(raw)
+    _append_raw(response.outputs, response.raw_output_contents, outputs)
     return response
 
 
@@ -689,8 +695,5 @@ def encode_request(request: pb.ModelInferRequest, inputs: NamedArrays) -> pb.Mod
     """Appends inputs with raw_input_contents, as tritonclient's set_data_from_numpy does."""
     if len(request.inputs) != len(request.raw_input_contents):
         raise Internal("inputs: request already mixes inputs without raw_input_contents")
-    for name, arr, datatype in _named(inputs):
-        out, raw = encode_tensor(name, arr, datatype)
-        request.inputs.append(InputTensor(name=out.name, datatype=out.datatype, shape=out.shape))
-        request.raw_input_contents.append(raw)
+    _append_raw(request.inputs, request.raw_input_contents, inputs)
     return request
