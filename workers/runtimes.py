@@ -257,7 +257,21 @@ class TorchExportRuntime(TorchRuntime):
             module = module.to(self.dtype)
         self.memory_bytes = module_memory_bytes(module)
         self.module = module
-        self._lifted = _lifted_call(ep, module, len(self.input_names))
+        self._lifted, extra_bytes = _lifted_call(ep, module, len(self.input_names), self._sample_args)
+        self.memory_bytes += extra_bytes
+
+    def _sample_args(self) -> list[Any]:
+        """Random device tensors for every input, in signature order (to check a rewritten graph)."""
+        gen = np.random.default_rng(0)
+        args = []
+        for name, arr in dummy_inputs(self.signature, batch=2).items():
+            if arr.dtype.kind == "f":
+                arr = gen.standard_normal(arr.shape).astype(arr.dtype)
+            elif arr.dtype.kind in "iu":
+                arr = gen.integers(0, 2, arr.shape).astype(arr.dtype)
+            args.append((name, self._to_device(arr)))
+        order = {n: i for i, n in enumerate(self.input_names)}
+        return [t for _, t in sorted(args, key=lambda item: order[item[0]])]
 
     def _call(self, args: list[Any]) -> Any:
         lifted = self._lifted
@@ -271,8 +285,11 @@ class TorchExportRuntime(TorchRuntime):
 
 
 def _lifted_call(
-    ep: torch.export.ExportedProgram, module: Any, n_inputs: int
-) -> Callable[[list[Any]], Any] | None:
+    ep: torch.export.ExportedProgram,
+    module: Any,
+    n_inputs: int,
+    sample: Callable[[], list[Any]] | None = None,
+) -> tuple[Callable[[list[Any]], Any] | None, int]:
     """Calls the exported graph itself, with its lifted parameters, buffers and constants passed in.
 
     `ep.module()` wraps that graph in a module that re-flattens arguments, runs input guards and calls
@@ -282,14 +299,18 @@ def _lifted_call(
     come from `module` (the unlifted module, already moved and cast), so both paths share one copy of
     the weights (a buffer the graph updates in place is the module's own). Programs whose graph returns
     buffer mutations or anything but plain outputs, or takes inputs other than `n_inputs` positional
-    tensors, keep the module path (None).
+    tensors, keep the module path (None). Also returns the bytes of tensors the call holds beyond the
+    module's own (a weight a rewrite had to copy).
+
+    With `sample` (random inputs for the check), the graph called is a copy with the exact rewrites of
+    workers/graphopt.py, once it has given the same outputs as the original on those inputs.
     """
     from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
 
     try:
         sig = ep.graph_signature
         if any(s.kind != OutputKind.USER_OUTPUT for s in sig.output_specs):
-            return None
+            return None, 0
         named = dict(module.named_parameters(remove_duplicate=False))
         named.update(module.named_buffers(remove_duplicate=False))
         template: list[Any] = []
@@ -297,7 +318,7 @@ def _lifted_call(
         for spec in sig.input_specs:
             if spec.kind == InputKind.USER_INPUT:
                 if not isinstance(spec.arg, TensorArgument):
-                    return None
+                    return None, 0
                 slots.append(len(template))
                 template.append(None)
             elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
@@ -305,16 +326,21 @@ def _lifted_call(
                 if value is None and spec.target is not None:
                     value = functools.reduce(getattr, spec.target.split("."), module)
                 if not isinstance(value, torch.Tensor):
-                    return None
+                    return None, 0
                 template.append(value)
             else:  # custom objects, tokens
-                return None
+                return None, 0
         if len(slots) != n_inputs:
-            return None
+            return None, 0
         forward = ep.graph_module.forward
     except Exception as exc:  # an unexpected layout: the module path still works
         log.debug("exported program keeps its module call: %s", exc)
-        return None
+        return None, 0
+    extra_bytes = 0
+    if sample is not None:
+        optimized = _optimized_forward(ep.graph_module, template, slots, sample)
+        if optimized is not None:
+            forward, extra_bytes = optimized
 
     def call(args: list[Any]) -> Any:
         full = template.copy()
@@ -322,7 +348,37 @@ def _lifted_call(
             full[slot] = value
         return forward(*full)
 
-    return call
+    return call, extra_bytes
+
+
+def _optimized_forward(
+    gm: torch.fx.GraphModule, template: list[Any], slots: list[int], sample: Callable[[], list[Any]]
+) -> tuple[Callable[..., Any], int] | None:
+    """The forward of `gm` rewritten by workers/graphopt.py and the bytes of the tensors it holds that
+    `template` does not; None when there is nothing to rewrite, a rewrite fails, or the outputs differ
+    from the original graph's on sample inputs."""
+    from workers import graphopt
+
+    try:
+        new, count = graphopt.optimize(gm, template, slots)
+        if not count:
+            return None
+        full = template.copy()
+        for slot, value in zip(slots, sample(), strict=True):
+            full[slot] = value
+        with torch.inference_mode():
+            expected = gm.forward(*full)
+            got = new.forward(*full)
+        if len(expected) != len(got) or not all(
+            torch.equal(a, b) for a, b in zip(expected, got, strict=True)
+        ):
+            log.warning("graph rewrites changed the outputs on sample inputs; keeping the original graph")
+            return None
+    except Exception as exc:  # the original graph still works
+        log.debug("graph rewrites skipped: %s", exc)
+        return None
+    log.debug("graph rewrites: %d", count)
+    return new.forward, graphopt.extra_bytes(new, template)
 
 
 def _is_flat(spec: Any) -> bool:
