@@ -46,6 +46,11 @@ def _power_of_two(value: Any) -> bool:
     return value != 0.0 and math.isfinite(value) and math.frexp(value)[0] in (0.5, -0.5)
 
 
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return bool(schema is not None and schema.is_mutable)
+
+
 def _val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
@@ -139,6 +144,10 @@ def optimize(
     `user_inputs`: the positions of the model's own inputs among the placeholders.
     """
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    if any(_mutates(node) for node in new.graph.nodes):
+        # A graph that updates state in place (a counter, a cache) is left as it is: checking a
+        # rewrite means running it, which would update that state.
+        return new, 0
     rewriter = _Rewriter(new, values, set(user_inputs))
     rewriter.fold_input_scales()
     rewriter.linear_to_addmm()

@@ -87,6 +87,25 @@ def record(
     return mv
 
 
+def export_record(
+    store: ArtifactStore, path: Path, module: nn.Module, width_in: int, width_out: int, dtype: str = "fp32"
+) -> common_pb2.ModelVersion:
+    """Exports `module` (one FP32 input "x" [-1, width_in], one output "y" [-1, width_out]) into the
+    store; returns its version record."""
+    from workers.models.export import export_module
+
+    art = store.put_file("m", 1, export_module(module, torch.zeros(2, width_in), path), "model.pt2")
+    return record(
+        "m",
+        1,
+        art,
+        fmt="torch_export",
+        inputs=[spec("x", "FP32", [-1, width_in])],
+        outputs=[spec("y", "FP32", [-1, width_out])],
+        dtype=dtype,
+    )
+
+
 def mlp_record(
     store: ArtifactStore, src: Path, name: str = "mlp", version: int = 1, **kw: object
 ) -> common_pb2.ModelVersion:

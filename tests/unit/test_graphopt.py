@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from mesh.store import ArtifactStore
-from tests.integration.test_worker_support import record, spec
+from tests.integration.test_worker_support import export_record
 from workers import graphopt
-from workers.models.export import export_module
 from workers.runtimes import TorchExportRuntime, load_runtime, module_memory_bytes
 
 aten = torch.ops.aten
@@ -120,17 +119,7 @@ def test_inputs_views_shared_results_and_3d_linears_are_left_alone() -> None:
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_runtime_serves_the_rewritten_graph(store: ArtifactStore, tmp_path: Path, dtype: str) -> None:
     module = Scaled()
-    path = export_module(module, torch.zeros(2, 8), tmp_path / "m.pt2")
-    art = store.put_file("m", 1, path, "model.pt2")
-    rec = record(
-        "m",
-        1,
-        art,
-        fmt="torch_export",
-        inputs=[spec("x", "FP32", [-1, 8])],
-        outputs=[spec("y", "FP32", [-1, 4])],
-    )
-    rec.dtype = dtype
+    rec = export_record(store, tmp_path / "m.pt2", module, 8, 4, dtype)
     rt = load_runtime(rec, store.resolve(rec.artifact_uri), torch.device("cpu"))
     assert isinstance(rt, TorchExportRuntime) and rt._lifted is not None
     width = 4 if dtype == "fp32" else 2
@@ -141,3 +130,33 @@ def test_runtime_serves_the_rewritten_graph(store: ArtifactStore, tmp_path: Path
     rewritten = rt.forward({"x": x})["y"]
     rt._lifted = None  # the module path: the original program
     np.testing.assert_array_equal(rewritten, rt.forward({"x": x})["y"])
+
+
+class CountingLinear(nn.Module):
+    """Updates a buffer in place on every call, beside layers that could be rewritten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.register_buffer("calls", torch.zeros(()))
+        self.a = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)  # type: ignore[operator]
+        return torch.relu(self.a(x))
+
+
+def test_a_graph_that_updates_state_is_not_rewritten(store: ArtifactStore, tmp_path: Path) -> None:
+    ep = _program(CountingLinear(), torch.zeros(2, 8))
+    values, inputs = _lifted_values(ep)
+    assert graphopt.optimize(ep.graph_module, values, inputs)[1] == 0
+    # Loaded by the runtime: no check run behind its back, so the buffer counts real calls only.
+    rec = export_record(store, tmp_path / "m.pt2", CountingLinear(), 8, 4)
+    rt = load_runtime(rec, store.resolve(rec.artifact_uri), torch.device("cpu"))
+    assert isinstance(rt, TorchExportRuntime) and rt._lifted is not None
+    x = np.ones((2, 8), dtype=np.float32)
+    for _ in range(3):
+        rt.forward({"x": x})
+    module = rt.module
+    assert isinstance(module, nn.Module)
+    assert float(module.get_buffer("calls")) == 3 + 1  # + the warm-up call

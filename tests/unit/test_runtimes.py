@@ -13,6 +13,7 @@ from mesh.store import ArtifactStore
 from tests.integration.test_worker_support import (
     boom_record,
     export_mlp,
+    export_record,
     mlp,
     mlp_record,
     record,
@@ -78,18 +79,7 @@ class _Constant(torch.nn.Module):
 def test_torch_export_direct_graph_call(
     store: ArtifactStore, tmp_path: Path, module: torch.nn.Module
 ) -> None:
-    from workers.models.export import export_module
-
-    path = export_module(module, torch.zeros(2, 4), tmp_path / "m.pt2")
-    art = store.put_file("m", 1, path, "model.pt2")
-    rec = record(
-        "m",
-        1,
-        art,
-        fmt="torch_export",
-        inputs=[spec("x", "FP32", [-1, 4])],
-        outputs=[spec("y", "FP32", [-1, 4])],
-    )
+    rec = export_record(store, tmp_path / "m.pt2", module, 4, 4)
     rt = load_runtime(rec, store.resolve(rec.artifact_uri), CPU)
     assert rt._lifted is not None
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
