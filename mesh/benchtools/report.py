@@ -51,13 +51,19 @@ requests answered). What the parts cost, measured in-process while tuning:
 
 - **gRPC itself.** A bare grpc.aio v2 echo server spends about 0.3-0.35 ms of CPU per call, the
   tritonclient aio client about 0.2-0.35 ms. A bare Python proxy in front of the echo (no validation,
-  routing or metrics; the `proxy-*` rows of each run) costs 0.55-0.75 ms of CPU per request. Making one
-  v2 call upstream per request, it adds about 0.6-0.8 ms to p50 at concurrency 1. Multiplexing the
+  routing or metrics; the `proxy-*` rows of each run) costs 0.45-0.75 ms of CPU per request. Making one
+  v2 call upstream per request, it adds about 0.35-0.8 ms to p50 at concurrency 1. Multiplexing the
   requests on one long-lived stream per upstream, as the gateway does (`maas.v1.WorkerInference`: a
   message on an open stream is much cheaper than a call's setup and teardown in both processes), it
-  adds about 0.4-0.45 ms. The gateway's own logic (auth, version resolution, validation, picking,
-  metrics, coalescing) costs about 0.1 ms of CPU on top. So the 0.5 ms goal sits right at the floor of one
-  Python gRPC hop on this machine, and whether a run meets it depends on the moment's noise.
+  adds about 0.3-0.45 ms. The gateway's own logic (auth, version resolution, validation, picking,
+  metrics, coalescing) costs about 0.1 ms of CPU on top. So the 0.5 ms goal sits close to the floor of
+  one Python gRPC hop on this machine, and a noisy hour can push a run over it.
+- **grpcio's polling.** Every service turns off grpcio 1.81's `event_engine_poller_for_python`
+  experiment (`GRPC_EXPERIMENTS`, set before grpc loads; mesh/grpcenv.py). Measured on a bare
+  grpc.aio echo under perf_analyzer at concurrency 1: about 2.4× fewer voluntary context switches,
+  p50 0.40-0.43 ms instead of 0.46-0.50 ms, and a bare stream proxy in front of it 0.72-0.75 ms
+  instead of 0.87-0.91 ms (the hop +0.33 ms instead of +0.41 ms). The runs before 12:57 on
+  2026-12-03 were made without it.
 - **The worker on top of gRPC** (digits, batch 1). The exported program is called as its graph with
   its lifted weights passed in: about 30 µs per forward pass in a tight loop, against about 65 µs
   through `ExportedProgram.module()` (argument flattening, input guards, module hooks). In a server,
@@ -68,9 +74,14 @@ requests answered). What the parts cost, measured in-process while tuning:
   kept short for that reason: the loop and compute threads hold `torch.inference_mode` instead of
   entering it per call, validated raw inputs are viewed without a second round of checks, outputs
   are encoded in place, and the per-version Prometheus series are plain counters turned into metric
-  families at scrape time. A lone request runs inline on the event loop, with no queue and no
-  thread hand-off, when the version's forward pass averages under 0.5 ms and its
-  `max_queue_delay_us` is 0, as for the digits demo.
+  families at scrape time. At load the worker also rewrites the exported graph, exactly
+  (workers/graphopt.py, checked bit-equal against the original on random inputs): digits' input
+  scale of 1/16 is folded into its first layer, each `linear` becomes `addmm` on a transposed weight
+  view made once, and each `relu` runs in place, so its forward is five aten calls instead of six
+  and takes about 62 µs instead of 82 µs in a tight loop (`TorchRuntime.forward`, inputs to outputs).
+  A lone request runs inline on the event loop, with no queue and no thread hand-off, when the
+  version's forward pass averages under 0.5 ms and its `max_queue_delay_us` is 0, as for the
+  digits demo.
 - **Coalescing at concurrency 16.** The gateway merges the requests that queue behind its in-flight
   calls into one upstream request, so the worker sees a few large requests instead of sixteen small
   ones, and its CPU per client request falls to about half of what it spends on direct requests.
