@@ -146,6 +146,7 @@ async def start_worker(settings: WorkerSettings) -> WorkerApp:
         compute_threads=settings.compute_threads,
         load_threads=settings.load_threads,
         warmup=settings.warmup,
+        graph_rewrites=settings.graph_rewrites,
     )
     registry = None
     if settings.registry and settings.redis_url:

@@ -139,6 +139,8 @@ class Runtime(ABC):
         self.input_names = [t.name for t in version.signature.inputs]
         self.output_specs = list(version.signature.outputs)
         self.memory_bytes = 0
+        # Whether a runtime that can rewrite its graph exactly at load does (workers/graphopt.py).
+        self.graph_rewrites = True
 
     @property
     def decoupled(self) -> bool:
@@ -257,7 +259,8 @@ class TorchExportRuntime(TorchRuntime):
             module = module.to(self.dtype)
         self.memory_bytes = module_memory_bytes(module)
         self.module = module
-        self._lifted, extra_bytes = _lifted_call(ep, module, len(self.input_names), self._sample_args)
+        sample = self._sample_args if self.graph_rewrites else None
+        self._lifted, extra_bytes = _lifted_call(ep, module, len(self.input_names), sample)
         self.memory_bytes += extra_bytes
 
     def _sample_args(self) -> list[Any]:
@@ -644,10 +647,16 @@ def create_runtime(version: common_pb2.ModelVersion, path: Path, device: torch.d
 
 
 def load_runtime(
-    version: common_pb2.ModelVersion, path: Path, device: torch.device, *, warmup: bool = True
+    version: common_pb2.ModelVersion,
+    path: Path,
+    device: torch.device,
+    *,
+    warmup: bool = True,
+    graph_rewrites: bool = True,
 ) -> Runtime:
     """Creates, loads and warms up a runtime (blocking: call it from a worker thread)."""
     runtime = create_runtime(version, path, device)
+    runtime.graph_rewrites = graph_rewrites
     try:
         runtime.load()
         if warmup:

@@ -244,12 +244,14 @@ class ModelManager:
         compute_threads: int = 4,
         load_threads: int = 1,
         warmup: bool = True,
+        graph_rewrites: bool = True,
     ) -> None:
         self.store = store
         self.device = device
         self.worker_id = worker_id
         self.memory_budget = memory_budget_bytes or default_budget(device)
         self.warmup = warmup
+        self.graph_rewrites = graph_rewrites
         # torch.set_num_threads() reaches OpenMP/MKL only in the thread that calls it: a thread that never
         # did runs its GEMMs on an OpenMP team of one thread per CPU, whose spinning workers cost 20-50x the
         # forward pass itself on a small CPU box. Every compute and load thread applies the process's setting;
@@ -429,7 +431,10 @@ class ModelManager:
                     await self._make_room(min(estimate, self.memory_budget), exclude=(name, version))
                 before = self._device_bytes()
                 runtime = await loop.run_in_executor(
-                    self._load_executor, lambda: load_runtime(record, path, self.device, warmup=self.warmup)
+                    self._load_executor,
+                    lambda: load_runtime(
+                        record, path, self.device, warmup=self.warmup, graph_rewrites=self.graph_rewrites
+                    ),
                 )
             except MeshError as exc:
                 self.failures[(name, version)] = exc.message

@@ -54,6 +54,10 @@ class WorkerSettings(MeshSettings):
     warmup: bool = True
     """Run each version once on dummy inputs while loading."""
 
+    graph_rewrites: bool = True
+    """Rewrite each exported graph at load, exactly (workers/graphopt.py: folded input scales, addmm,
+    in-place relu), after checking it gives the same outputs bit for bit; false = run graphs as saved."""
+
     uvloop: bool = True
     """Use uvloop when installed (python -m workers only)."""
 

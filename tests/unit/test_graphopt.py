@@ -130,6 +130,10 @@ def test_runtime_serves_the_rewritten_graph(store: ArtifactStore, tmp_path: Path
     rewritten = rt.forward({"x": x})["y"]
     rt._lifted = None  # the module path: the original program
     np.testing.assert_array_equal(rewritten, rt.forward({"x": x})["y"])
+    # MAAS_WORKER_GRAPH_REWRITES=false: the graph as saved, no copied weight.
+    plain = load_runtime(rec, store.resolve(rec.artifact_uri), torch.device("cpu"), graph_rewrites=False)
+    assert plain.memory_bytes == module_memory_bytes(module) // (4 // width)
+    np.testing.assert_array_equal(rewritten, plain.forward({"x": x})["y"])
 
 
 class CountingLinear(nn.Module):
