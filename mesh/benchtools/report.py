@@ -57,13 +57,17 @@ requests answered). What the parts cost, measured in-process while tuning:
   message on an open stream is much cheaper than a call's setup and teardown in both processes), it
   adds about 0.3-0.45 ms. The gateway's own logic (auth, version resolution, validation, picking,
   metrics, coalescing) costs about 0.1 ms of CPU on top. So the 0.5 ms goal sits close to the floor of
-  one Python gRPC hop on this machine, and a noisy hour can push a run over it.
+  one Python gRPC hop on this machine, and a noisy hour can push a run over it: five runs of `make
+  bench` between 12:57 and 14:15 UTC on 2026-12-03 measured the hop at +0.38 to +0.66 ms with
+  tritonclient and +0.42 to +0.99 ms with perf_analyzer: both clients met the goal in one run, one
+  client in two more, neither in the two noisiest. Three processes passing one request along on two shared vCPUs suffer the
+  host's noise more than two: in the noisy runs even the client's own CPU per request rose by a third
+  in the gateway scenario against the direct one, with the same client and the same messages.
 - **grpcio's polling.** Every service turns off grpcio 1.81's `event_engine_poller_for_python`
   experiment (`GRPC_EXPERIMENTS`, set before grpc loads; mesh/grpcenv.py). Measured on a bare
   grpc.aio echo under perf_analyzer at concurrency 1: about 2.4× fewer voluntary context switches,
   p50 0.40-0.43 ms instead of 0.46-0.50 ms, and a bare stream proxy in front of it 0.72-0.75 ms
-  instead of 0.87-0.91 ms (the hop +0.33 ms instead of +0.41 ms). The runs before 12:57 on
-  2026-12-03 were made without it.
+  instead of 0.87-0.91 ms (the hop +0.33 ms instead of +0.41 ms).
 - **The worker on top of gRPC** (digits, batch 1). The exported program is called as its graph with
   its lifted weights passed in: about 30 µs per forward pass in a tight loop, against about 65 µs
   through `ExportedProgram.module()` (argument flattening, input guards, module hooks). In a server,
