@@ -372,9 +372,7 @@ def _optimized_forward(
         with torch.inference_mode():
             expected = gm.forward(*full)
             got = new.forward(*full)
-        if len(expected) != len(got) or not all(
-            torch.equal(a, b) for a, b in zip(expected, got, strict=True)
-        ):
+        if len(expected) != len(got) or not all(_same(a, b) for a, b in zip(expected, got, strict=True)):
             log.warning("graph rewrites changed the outputs on sample inputs; keeping the original graph")
             return None
     except Exception as exc:  # the original graph still works
@@ -382,6 +380,17 @@ def _optimized_forward(
         return None
     log.debug("graph rewrites: %d", count)
     return new.forward, graphopt.extra_bytes(new, template)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal bit for bit (NaN where the other has NaN counts as equal), for tensors; == otherwise."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return bool(a == b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
 
 
 def _is_flat(spec: Any) -> bool:

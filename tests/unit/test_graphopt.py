@@ -164,3 +164,30 @@ def test_a_graph_that_updates_state_is_not_rewritten(store: ArtifactStore, tmp_p
     module = rt.module
     assert isinstance(module, nn.Module)
     assert float(module.get_buffer("calls")) == 3 + 1  # + the warm-up call
+
+
+class LogAndLinear(nn.Module):
+    """NaN outputs on negative inputs (log), beside a layer that is rewritten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.relu(self.a(x)), torch.log(x)
+
+
+def test_nan_outputs_do_not_count_as_a_difference() -> None:
+    from workers.runtimes import _optimized_forward
+
+    ep = _program(LogAndLinear(), torch.zeros(2, 8))
+    values, inputs = _lifted_values(ep)
+    sample = torch.randn(3, 8)  # negatives: log gives NaN in both graphs
+    assert bool(torch.log(sample).isnan().any())
+    optimized = _optimized_forward(ep.graph_module, values, inputs, lambda: [sample])
+    assert optimized is not None
+    forward, extra = optimized
+    assert extra == 0
+    got = forward(*[sample if v is None else v for v in values])
+    assert torch.equal(got[0], _call(ep.graph_module, values, inputs, sample)[0])
