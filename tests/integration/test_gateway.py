@@ -509,8 +509,8 @@ async def test_repository_load_and_unload(env: Env) -> None:
 
 
 async def test_tiny_deadlines_get_a_right_answer_or_deadline_exceeded(env: Env) -> None:
-    """gRPC sends a call's timeout in whole milliseconds, rounded up, so a 1 µs deadline can be met by a
-    path faster than about 1 ms. Whichever way each request goes, it gets the right answer or
+    """gRPC rounds a deadline this short up (a server sees up to about 1 ms left), so a 1 µs deadline
+    can be met by a path faster than that. Whichever way each request goes, it gets the right answer or
     DEADLINE_EXCEEDED, nothing else. (That a deadline shorter than the work reaches the worker and
     leaves its queue is shown deterministically in test_gateway_cancel.py.)"""
     x = pixels(1, seed=3)
