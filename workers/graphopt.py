@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import fx
@@ -39,7 +39,7 @@ _FRESH = frozenset(
 )
 
 
-def _power_of_two(value: Any) -> bool:
+def _power_of_two(value: object) -> TypeGuard[int | float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     value = float(value)
@@ -70,6 +70,12 @@ class _Rewriter:
         self.count = 0
         self._attrs = 0
 
+    def _calls(self, target: Any) -> list[fx.Node]:
+        """The graph's calls of `target` without keyword arguments, listed before any is rewritten."""
+        return [
+            n for n in self.graph.nodes if n.op == "call_function" and n.target is target and not n.kwargs
+        ]
+
     def _attr(self, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
         name = f"_graphopt_{self._attrs}"
         self._attrs += 1
@@ -81,18 +87,20 @@ class _Rewriter:
         return node
 
     def fold_input_scales(self) -> None:
-        for node in list(self.graph.nodes):
-            if node.op != "call_function" or node.target is not _aten.mul.Tensor or len(node.args) != 2:
+        for node in self._calls(_aten.mul.Tensor):
+            if len(node.args) != 2:
                 continue
             x, scale = node.args
-            if x not in self.inputs or not _power_of_two(scale) or node.kwargs or len(node.users) != 1:
+            if x not in self.inputs or not _power_of_two(scale) or len(node.users) != 1:
                 continue
             (linear,) = node.users
             if linear.target is not _aten.linear.default or linear.args[0] is not node or linear.kwargs:
                 continue
             weight = linear.args[1]
-            value = self.constants.get(weight) if isinstance(weight, fx.Node) else None
-            if value is None or len(weight.users) != 1 or not value.is_floating_point():
+            if not isinstance(weight, fx.Node) or len(weight.users) != 1:
+                continue
+            value = self.constants.get(weight)
+            if value is None or not value.is_floating_point():
                 continue
             folded = self._attr(value * scale, linear)
             linear.args = (x, folded, *linear.args[2:])
@@ -100,16 +108,15 @@ class _Rewriter:
             self.count += 1
 
     def linear_to_addmm(self) -> None:
-        for node in list(self.graph.nodes):
-            if node.op != "call_function" or node.target is not _aten.linear.default or node.kwargs:
-                continue
+        for node in self._calls(_aten.linear.default):
             x, weight = node.args[0], node.args[1]
             bias = node.args[2] if len(node.args) > 2 else None
             x_val = _val(x)
             w_val = self.constants.get(weight) if isinstance(weight, fx.Node) else None
             if w_val is None or w_val.dim() != 2 or not isinstance(x_val, torch.Tensor) or x_val.dim() != 2:
                 continue
-            if bias is not None and (_val(bias) is None or _val(bias).dim() != 1):
+            b_val = _val(bias)
+            if bias is not None and (b_val is None or b_val.dim() != 1):
                 continue
             transposed = self._attr(w_val.t(), node)
             with self.graph.inserting_before(node):
@@ -123,9 +130,7 @@ class _Rewriter:
             self.count += 1
 
     def relu_in_place(self) -> None:
-        for node in list(self.graph.nodes):
-            if node.op != "call_function" or node.target is not _aten.relu.default or node.kwargs:
-                continue
+        for node in self._calls(_aten.relu.default):
             (source,) = node.args
             if not isinstance(source, fx.Node) or source.op != "call_function" or source.target not in _FRESH:
                 continue
