@@ -58,7 +58,8 @@ class GatewaySettings(MeshSettings):
     """Extra attempts on another replica when a worker is unreachable or answers UNAVAILABLE."""
 
     eject_s: float = 5.0
-    """How long a worker that failed a request is skipped."""
+    """How long a worker that failed a request is skipped (while another replica of the version can
+    take its requests; a version's only usable replica keeps getting them)."""
 
     default_timeout_s: float = 0.0
     """Upstream timeout for requests that carry no deadline; 0 = none."""

@@ -307,7 +307,8 @@ class Picker:
     def acquire(self, model: str, version: int, exclude: set[str] | frozenset[str] = frozenset()) -> Endpoint:
         """Picks the less loaded of two random healthy endpoints of a version and counts one request in
         flight on it; call `release` when the request ends (or use `use`). `exclude` holds worker ids
-        already tried. Raises ModelNotFound / VersionNotFound / Unavailable."""
+        already tried. Ejected endpoints are passed over while another one is usable. Raises
+        ModelNotFound / VersionNotFound / Unavailable."""
         m = self._models.get(model)
         if m is None:
             raise ModelNotFound(model)
@@ -319,7 +320,14 @@ class Picker:
             raise Unavailable(f"version: {model} version {version} is not ready ({state})")
         ep = self._pick(entry.healthy, exclude)
         if ep is None:
-            raise Unavailable(f"version: no healthy worker serves {model} version {version}")
+            # Every healthy replica not tried yet is ejected: try the least loaded of them anyway.
+            # Ejection steers traffic to the other replicas; where none is left, refusing every
+            # request until the timer ends would turn one transient failure of a lone replica into
+            # seconds of outage (a dead one fails the request fast either way).
+            ejected = [e for e in entry.healthy if e.worker_id not in exclude]
+            if not ejected:
+                raise Unavailable(f"version: no healthy worker serves {model} version {version}")
+            ep = min(ejected, key=_cost)
         ep.load.in_flight += 1
         return ep
 
@@ -369,7 +377,7 @@ class Picker:
 
     def eject(self, worker_id: str, seconds: float = 5.0) -> None:
         """Skips a worker (it answered UNAVAILABLE or its connection died) for `seconds`, or until a later
-        table shows it unhealthy and then healthy again."""
+        table shows it unhealthy and then healthy again, while another replica can take its requests."""
         load = self._loads.get(worker_id)
         if load is None:
             load = self._loads[worker_id] = WorkerLoad(worker_id)

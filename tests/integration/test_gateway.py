@@ -398,6 +398,22 @@ async def test_a_client_ending_its_stream_early_ejects_no_worker(env: Env) -> No
         )
 
 
+async def test_a_lone_worker_that_failed_once_keeps_serving(env: Env) -> None:
+    # A worker that answered UNAVAILABLE or whose stream broke is skipped for a while (eject_s) while
+    # another replica can take its requests; the only replica of a version keeps getting them, so one
+    # transient failure does not refuse every request for the length of the ejection.
+    gateway = env.stack.gateway
+    (worker,) = env.stack.workers
+    gateway.picker.eject(worker.worker_id, 1.0)  # what a failed forward does
+    assert gateway.picker.is_ejected(worker.worker_id)
+    x = pixels(2, seed=7)
+    result = await env.client.infer("digits", [digits_input(x)])
+    np.testing.assert_allclose(result.as_numpy("logits"), env.art.digits_reference(x), rtol=1e-5, atol=1e-5)
+    texts, errors, finals = await _stream_texts(env, [("lone-1", "tinylm", "the mesh", 3)])
+    assert not errors and finals == {"lone-1": True} and texts["lone-1"]
+    await wait_until(lambda: not gateway.picker.is_ejected(worker.worker_id), 5, "the ejection to end")
+
+
 async def _stream_texts(
     env: Env, requests: list[tuple[str, str, str, int]]
 ) -> tuple[dict[str, str], list[str], dict[str, bool]]:

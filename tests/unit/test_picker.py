@@ -192,8 +192,10 @@ def test_exclude_and_eject() -> None:
         seen.add(ep.worker_id)
         p.release(ep)
     assert seen == {"a", "b"}
+    # Where every replica not tried yet is ejected, an ejected one is tried rather than none.
+    assert p.acquire("digits", 1, exclude={"a", "b"}).worker_id == "c"
     with pytest.raises(Unavailable):
-        p.acquire("digits", 1, exclude={"a", "b"})
+        p.acquire("digits", 1, exclude={"a", "b", "c"})
     # A table that still lists c as healthy does not end the ejection...
     t2 = _table(2, versions={1: [_ep("a"), _ep("b"), _ep("c")]})
     p.set_table(t2)
@@ -206,6 +208,24 @@ def test_exclude_and_eject() -> None:
     # A short ejection ends with its timer.
     p.eject("a", 0.0)
     assert not p.is_ejected("a")
+
+
+def test_a_lone_ejected_replica_keeps_serving() -> None:
+    # One transient failure of the only replica must not refuse every request for the ejection's length.
+    p = _picker(_table(versions={1: [_ep("a")]}))
+    p.eject("a", 60.0)
+    ep = p.acquire("digits", 1)
+    assert ep.worker_id == "a" and p.in_flight("a") == 1
+    p.release(ep)
+    # The retry of a request that failed on it goes nowhere else, so it fails.
+    with pytest.raises(Unavailable):
+        p.acquire("digits", 1, exclude={"a"})
+    # With two replicas both ejected, the less loaded one is tried.
+    p = _picker(_table(versions={1: [_ep("a"), _ep("b")]}))
+    p.eject("a", 60.0)
+    p.eject("b", 60.0)
+    busy = p.acquire("digits", 1)
+    assert p.acquire("digits", 1).worker_id != busy.worker_id
 
 
 def test_unhealthy_endpoints_are_never_picked() -> None:
