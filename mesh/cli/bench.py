@@ -542,7 +542,10 @@ def all_(
     ] = True,
     token: TokenOpt = None,
     keep: Annotated[
-        bool, typer.Option("--keep", help="Keep the private stack's directory and logs.")
+        bool,
+        typer.Option(
+            "--keep", help="Keep the private stack's directory and logs (kept anyway when a request failed)."
+        ),
     ] = False,
 ) -> None:
     """Every scenario on a private stack (free ports, own Redis and store); writes docs/benchmarks.md."""
@@ -699,6 +702,11 @@ def all_(
         if stack is not None:
             stack.stop()
         sink.close()
+        failed = sum(r.errors for r in report.rows)
+        if failed and not keep:
+            # The services' logs are the only record of why requests failed: kept, and said where.
+            keep = True
+            report.notes.append(f"{failed} requests failed; the stack's logs are kept in {sink.path}")
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     _finish(report, out, console)
