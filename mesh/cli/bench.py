@@ -702,7 +702,7 @@ def all_(
         if stack is not None:
             stack.stop()
         sink.close()
-        failed = sum(r.errors for r in report.rows)
+        failed = sum(r.result.errors for r in report.rows)
         if failed and not keep:
             # The services' logs are the only record of why requests failed: kept, and said where.
             keep = True
