@@ -28,6 +28,8 @@ from rich.text import Text
 
 # Services log "<name> listening on <host>:<port>" once bound (mesh.server.ServiceHost.start): with
 # port 0 this is how the stack learns the port a child picked.
+# The variables that say where each service listens (a restarted service keeps its port).
+_BIND_ENV = ("MAAS_GATEWAY_BIND", "MAAS_ROUTER_BIND", "MAAS_WORKER_BIND", "MAAS_COMPRESSOR_BIND")
 _LISTENING = re.compile(r"listening on (?P<address>[\w.\-\[\]:]+:\d+)")
 _COLORS = ["cyan", "green", "magenta", "yellow", "blue", "bright_cyan", "bright_green", "bright_magenta"]
 
@@ -95,9 +97,11 @@ class Child:
         self.bound = threading.Event()
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = False
+        self.started_at = 0.0
         self._reader: threading.Thread | None = None
 
     def start(self) -> None:
+        self.started_at = time.monotonic()
         # A session of its own: the terminal's Ctrl-C reaches only mesh.up, which stops children in order.
         self.proc = subprocess.Popen(
             self.argv,
@@ -124,6 +128,23 @@ class Child:
     @property
     def pid(self) -> int:
         return self.proc.pid if self.proc is not None else 0
+
+    def respawn(self) -> Child:
+        """A new process of this service, started: same command and environment, bound to the port this
+        one had (a service started on port 0 keeps its address, so whatever knows it finds it again)."""
+        env = dict(self.env)
+        if self.address:
+            port = self.address.rsplit(":", 1)[1]
+            for key in _BIND_ENV:
+                bind = env.get(key, "")
+                if bind.endswith(":0"):
+                    env[key] = f"{bind[:-2]}:{port}"
+        child = Child(self.name, self.argv, env, self.sink)
+        child.address = self.address
+        if self.address:
+            child.bound.set()
+        child.start()
+        return child
 
     def poll(self) -> int | None:
         return self.proc.poll() if self.proc is not None else None
@@ -422,16 +443,28 @@ class Stack:
             client.close()
 
     # ---- run / stop ---------------------------------------------------------------------------------
-    def check_children(self) -> list[tuple[str, int]]:
-        """Children that exited on their own since the last call (name, exit code)."""
+    def check_children(self) -> list[tuple[Child, int]]:
+        """Children that exited on their own since the last call (child, exit code)."""
         gone = []
         for child in self.children:
             code = child.poll()
             if code is not None and not child.stopping:
                 child.stopping = True
-                gone.append((child.name, code))
+                gone.append((child, code))
                 self.crashed.append((child.name, code))
         return gone
+
+    def restart(self, old: Child) -> Child:
+        """Starts a crashed service again in place of `old` (same command, environment and port)."""
+        old.wait(5.0)  # reap it and let its log reader finish
+        new = old.respawn()
+        self.children[self.children.index(old)] = new
+        for attr in ("gateway", "router", "compressor"):
+            if getattr(self, attr) is old:
+                setattr(self, attr, new)
+        self.workers = [new if c is old else c for c in self.workers]
+        self._write_pids()
+        return new
 
     def stop(self, grace_s: float = 20.0) -> None:
         """Gateway first (no new traffic), then workers (drain), router, compressor, finally Redis."""
@@ -495,6 +528,39 @@ class Stack:
         return out
 
 
+class Restarts:
+    """When crashed services start again, as a process supervisor would (compose's `restart:
+    unless-stopped` does the same for the containers): after `base_s`, doubling up to `max_s` while a
+    service keeps crashing within `stable_s` of its start; one that ran `stable_s` waits `base_s` again."""
+
+    def __init__(
+        self, stack: Stack, base_s: float = 1.0, max_s: float = 30.0, stable_s: float = 60.0
+    ) -> None:
+        self.stack = stack
+        self.base_s = base_s
+        self.max_s = max_s
+        self.stable_s = stable_s
+        self._due: list[tuple[float, Child]] = []
+        self._delay: dict[str, float] = {}
+
+    def crashed(self, child: Child) -> float:
+        """Schedules a restart of `child`; returns the delay."""
+        now = time.monotonic()
+        previous = self._delay.get(child.name, 0.0)
+        quick = previous and now - child.started_at < self.stable_s
+        delay = min(self.max_s, previous * 2) if quick else self.base_s
+        self._delay[child.name] = delay
+        self._due.append((now + delay, child))
+        return delay
+
+    def due(self) -> list[Child]:
+        """Restarts the services whose delay is over; returns the new children."""
+        now = time.monotonic()
+        ready = [item for item in self._due if item[0] <= now]
+        self._due = [item for item in self._due if item[0] > now]
+        return [self.stack.restart(child) for _, child in ready]
+
+
 def _summary(stack: Stack) -> None:
     from rich.panel import Panel
     from rich.syntax import Syntax
@@ -550,6 +616,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--var-dir", type=Path, default=Path(env.get("MAAS_VAR_DIR", "var")))
     parser.add_argument("--no-compressor", action="store_true", help="do not start the compressor")
     parser.add_argument("--json-logs", action="store_true", help="keep the services' JSON log lines")
+    parser.add_argument(
+        "--no-restart", action="store_true", help="leave a crashed service stopped (default: start it again)"
+    )
     return parser.parse_args(argv)
 
 
@@ -594,9 +663,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     starting = False
     _summary(stack)
+    restarts = Restarts(stack) if not args.no_restart else None
     while not stop.wait(0.5):
-        for name, code in stack.check_children():
-            stack.console.print(f"[bold red]mesh.up: {name} exited unexpectedly with code {code}[/]")
+        for child, code in stack.check_children():
+            then = ""
+            if restarts is not None:
+                then = f"; restarting it in {restarts.crashed(child):.0f} s"
+            stack.console.print(
+                f"[bold red]mesh.up: {child.name} exited unexpectedly with code {code}{then}[/]"
+            )
+        if restarts is not None:
+            for child in restarts.due():
+                stack.info(f"{child.name} restarted (pid {child.pid}, {child.address or 'new address'})")
     stack.info(
         f"{received[0] if received else 'stop'} received: stopping gateway, workers, router, compressor, redis"
     )

@@ -381,9 +381,11 @@ class Picker:
         load = self._loads.get(worker_id)
         if load is None:
             load = self._loads[worker_id] = WorkerLoad(worker_id)
-        load.ejected_until = max(load.ejected_until, time.monotonic() + seconds)
+        now = time.monotonic()
+        if load.ejected_until <= now:  # once per ejection, not per request that extends it
+            logger.info("ejected worker %s for %.1fs", worker_id, seconds)
+        load.ejected_until = max(load.ejected_until, now + seconds)
         load.seen_down = False
-        logger.info("ejected worker %s for %.1fs", worker_id, seconds)
 
     def is_ejected(self, worker_id: str) -> bool:
         load = self._loads.get(worker_id)

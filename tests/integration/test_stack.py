@@ -58,8 +58,8 @@ def var_dir() -> Iterator[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(150)
-def test_up_serves_digits_and_stops_on_sigint(var_dir: Path) -> None:
+@pytest.mark.timeout(240)
+def test_up_serves_digits_restarts_a_killed_worker_and_stops_on_sigint(var_dir: Path) -> None:
     import torch
     import tritonclient.grpc as grpcclient
 
@@ -118,9 +118,32 @@ def test_up_serves_digits_and_stops_on_sigint(var_dir: Path) -> None:
         assert logits is not None and logits.shape == (3, 10)
         np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
+        # A worker killed with SIGKILL is started again on its port; the version comes back behind the gateway.
+        killed = _pids(var_dir)["worker-0"]
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while _pids(var_dir).get("worker-0") in (None, killed):
+            assert time.monotonic() < deadline, "worker not restarted:\n" + "".join(lines[-40:])
+            time.sleep(0.2)
+        assert json.loads(endpoints_file.read_text())["worker-0"] == endpoints["worker-0"]
+        client = grpcclient.InferenceServerClient(gateway)
+        try:
+            while True:
+                try:
+                    again = client.infer("digits", [tensor], client_timeout=30).as_numpy("logits")
+                    break
+                except grpcclient.InferenceServerException:
+                    assert time.monotonic() < deadline, "digits not served again:\n" + "".join(lines[-40:])
+                    time.sleep(0.5)
+        finally:
+            client.close()
+        np.testing.assert_allclose(again, expected, rtol=1e-4, atol=1e-4)
+        assert any("worker-0 exited unexpectedly" in line and "restarting it" in line for line in lines)
+
         children = _pids(var_dir)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0, "".join(lines[-40:])
+        # Exit status 1: a service crashed during the session (it was restarted).
+        assert proc.wait(timeout=60) == 1, "".join(lines[-40:])
         reader.join(timeout=5)
         still = {name: pid for name, pid in children.items() if _alive(pid)}
         assert not still, f"children left running: {still}"
