@@ -34,6 +34,10 @@ GRPC_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A channel to a service that was down retries its connection at most 2 s apart (grpc's default
+    # backoff grows to 120 s): measured after a 45 s outage, the first call succeeded 17.6 s after the
+    # server was back with the default, 0.3 s with this.
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 # Servers accept the clients' pings above without calling them abusive.
 _SERVER_OPTIONS: list[tuple[str, Any]] = [
