@@ -26,10 +26,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.text import Text
 
-# Services log "<name> listening on <host>:<port>" once bound (mesh.server.ServiceHost.start): with
-# port 0 this is how the stack learns the port a child picked.
 # The variables that say where each service listens (a restarted service keeps its port).
 _BIND_ENV = ("MAAS_GATEWAY_BIND", "MAAS_ROUTER_BIND", "MAAS_WORKER_BIND", "MAAS_COMPRESSOR_BIND")
+# Services log "<name> listening on <host>:<port>" once bound (mesh.server.ServiceHost.start): with
+# port 0 this is how the stack learns the port a child picked.
 _LISTENING = re.compile(r"listening on (?P<address>[\w.\-\[\]:]+:\d+)")
 _COLORS = ["cyan", "green", "magenta", "yellow", "blue", "bright_cyan", "bright_green", "bright_magenta"]
 
