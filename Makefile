@@ -54,5 +54,13 @@ bench: proto
 tools:
 	bash deploy/fetch-perf-analyzer.sh .tools
 
+# The mesh side by side with MLServer and KServe's model server (docs/peers.md): their venvs under
+# .tools/peers, then every server started, checked and measured in turn; results in var/peers/<time>/.
+.PHONY: bench-peers
+bench-peers: proto
+	test -x .tools/perf_analyzer || bash deploy/fetch-perf-analyzer.sh .tools
+	bash deploy/peers/install.sh
+	$(PY) deploy/peers/compare.py
+
 clean:
 	rm -rf $(VENV) var mesh_pb/*_pb2*.py mesh_pb/*_pb2*.pyi $(GEN_STAMP)
