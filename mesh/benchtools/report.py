@@ -60,9 +60,16 @@ requests answered). What the parts cost, measured in-process while tuning:
   one Python gRPC hop on this machine, and a noisy hour can push a run over it: five runs of `make
   bench` between 12:57 and 14:15 UTC on 2026-12-03 measured the hop at +0.38 to +0.66 ms with
   tritonclient and +0.42 to +0.99 ms with perf_analyzer: both clients met the goal in one run, one
-  client in two more, neither in the two noisiest. Three processes passing one request along on two shared vCPUs suffer the
-  host's noise more than two: in the noisy runs even the client's own CPU per request rose by a third
-  in the gateway scenario against the direct one, with the same client and the same messages.
+  client in two more, neither in the two noisiest. Later that day the VM ran on another host (Intel
+  Xeon, where an idle echo answered in 0.24-0.28 ms at best, against 0.40-0.55 ms before, and the load
+  swung within minutes): a quiet stretch measured the hop at +0.30 ms with perf_analyzer by hand
+  (0.75-0.79 vs 0.46-0.47 ms), while `make bench` runs measured +0.28 / +0.70 ms (15:13 UTC,
+  tritonclient / perf_analyzer) and +0.98 / +0.53 ms (15:57 UTC, an echo answering in 0.58 ms instead
+  of 0.28 a minute earlier). Three processes passing one request along on two shared vCPUs suffer
+  the host's noise more than two: in the noisy runs every process's CPU per request rose, the
+  gateway's and the worker's about twice as much as on a quiet stretch, and even the client's own CPU
+  per request rose by a third in the gateway scenario against the direct one, with the same client
+  and the same messages.
 - **grpcio's polling.** Every service turns off grpcio 1.81's `event_engine_poller_for_python`
   experiment (`GRPC_EXPERIMENTS`, set before grpc loads; mesh/grpcenv.py). Measured on a bare
   grpc.aio echo under perf_analyzer at concurrency 1: about 2.4× fewer voluntary context switches,
