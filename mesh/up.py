@@ -335,6 +335,9 @@ class Stack:
                     names=names,
                     progress=progress,
                     digits_epochs=cfg.digits_epochs,
+                    # With two workers or more, each demo version lives on two: when one worker dies,
+                    # the gateway retries its requests on the other and nothing fails.
+                    min_replicas=min(2, max(1, cfg.workers)),
                 )
             finally:
                 await registry.close()

@@ -205,12 +205,14 @@ async def build_demo(
     seed: int = 0,
     digits_epochs: int = 30,
     tinylm_steps: int = 300,
+    min_replicas: int = 1,
 ) -> list[common_pb2.ModelVersion]:
-    """Trains/builds each named demo model, stores its artifact and registers a version (REGISTERED).
+    """Trains/builds each named demo model, stores its artifact and registers a version (REGISTERED)
+    that the router keeps on `min_replicas` workers.
 
     A model that already has a live demo version for the same build key is skipped (its latest
-    version is returned) unless `force`. Training runs in a thread so the event loop stays free.
-    Returns one ModelVersion per name, in order.
+    version is returned, its min_replicas raised to `min_replicas` if lower) unless `force`. Training
+    runs in a thread so the event loop stays free. Returns one ModelVersion per name, in order.
     """
     report: Progress = progress or (lambda msg: logger.info("%s", msg))
     unknown = [n for n in names if n not in DEMO_MODELS]
@@ -227,6 +229,10 @@ async def build_demo(
         if live and not force:
             mv = live[-1]
             report(f"{name}: version {mv.ref.version} already built ({key}); skipping (use force to rebuild)")
+            if mv.min_replicas < min_replicas:
+                mv.min_replicas = min_replicas
+                mv = await registry.update_version(mv)
+                report(f"{name}: version {mv.ref.version} kept on {min_replicas} workers")
             results.append(mv)
             continue
         report(f"{name}: building")
@@ -258,7 +264,7 @@ async def build_demo(
                 dtype=built.dtype,
                 lineage=common_pb2.Lineage(metrics=built.metrics),
                 state=common_pb2.REGISTERED,
-                min_replicas=1,
+                min_replicas=max(1, min_replicas),
                 labels=labels,
                 idempotency_key=idempotency_key,
             )

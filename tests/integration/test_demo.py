@@ -125,6 +125,23 @@ async def test_force_and_other_encoder_size_register_new_versions(
         await build_demo(registry, store, names=("bogus",))
 
 
+async def test_replicas_asked_for_are_registered_and_raised_on_a_rerun(
+    registry: Registry, store: ArtifactStore
+) -> None:
+    # make up with two workers or more keeps each demo version on two (one worker may die).
+    (first,) = await _build(registry, store, names=("tinylm",))
+    assert first.min_replicas == 1
+    (again,) = await build_demo(registry, store, names=("tinylm",), tinylm_steps=15, min_replicas=2)
+    assert again.ref.version == first.ref.version and again.min_replicas == 2
+    stored = await registry.get_version("tinylm", first.ref.version)
+    assert stored.min_replicas == 2 and stored.labels == first.labels and stored.state == first.state
+    # A rerun asking for fewer leaves the replicas an operator (or a bigger stack) asked for.
+    (fewer,) = await _build(registry, store, names=("tinylm",))
+    assert fewer.min_replicas == 2
+    (digits,) = await build_demo(registry, store, names=("digits",), digits_epochs=2, min_replicas=2)
+    assert digits.min_replicas == 2
+
+
 def test_cli_build(redis_url: str, prefix: str, tmp_path: Path) -> None:
     from mesh.cli.demo import app
 
