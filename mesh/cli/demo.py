@@ -52,6 +52,9 @@ def build(
     ] = None,
     digits_epochs: Annotated[int, typer.Option(help="Training epochs of digits.")] = 30,
     tinylm_steps: Annotated[int, typer.Option(help="Training steps of tinylm.")] = 300,
+    replicas: Annotated[
+        int, typer.Option(min=1, help="Workers each demo version is kept on (min_replicas).")
+    ] = 1,
 ) -> None:
     """Train/build the demo models, store their artifacts and register one version each."""
     from rich.console import Console
@@ -80,6 +83,7 @@ def build(
                 digits_epochs,
                 tinylm_steps,
                 progress,
+                replicas,
             )
         )
     table = Table(title="demo versions")
@@ -115,6 +119,7 @@ async def _run(
     digits_epochs: int,
     tinylm_steps: int,
     progress: Callable[[str], None],
+    replicas: int = 1,
 ) -> list[common_pb2.ModelVersion]:
     from mesh.redis_embed import EmbeddedRedis
     from mesh.registry import Registry
@@ -149,6 +154,7 @@ async def _run(
                 force=force,
                 digits_epochs=digits_epochs,
                 tinylm_steps=tinylm_steps,
+                min_replicas=replicas,
             )
         finally:
             await registry.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -146,8 +147,17 @@ def test_cli_build(redis_url: str, prefix: str, tmp_path: Path) -> None:
     from mesh.cli.demo import app
 
     args = ["build", "--models", "encoder", "--encoder-size", "tiny", "--redis-url", redis_url]
-    args += ["--key-prefix", prefix, "--store-dir", str(tmp_path / "store")]
+    args += ["--key-prefix", prefix, "--store-dir", str(tmp_path / "store"), "--replicas", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "encoder" in result.output and "REGISTERED" in result.output
     assert list((tmp_path / "store" / "encoder").glob("*/model.pt2"))
+
+    async def replicas() -> int:
+        registry = await Registry.connect(redis_url, prefix)
+        try:
+            return (await registry.get_version("encoder", 1)).min_replicas
+        finally:
+            await registry.close()
+
+    assert asyncio.run(replicas()) == 2
