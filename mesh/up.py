@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -213,6 +214,8 @@ class Stack:
         self.sink: LogSink = sink or self._print_line
         self.redis_url = config.redis_url or ""
         self._redis: object | None = None
+        self._redis_started_at = 0.0
+        self._redis_down = False
         self.children: list[Child] = []
         self.gateway: Child | None = None
         self.router: Child | None = None
@@ -308,6 +311,7 @@ class Stack:
         with _stop_signals_blocked():
             self.redis_url = es.start()
         self._redis = es
+        self._redis_started_at = time.monotonic()
         self.info(f"embedded redis at {self.redis_url} (appendonly, data in {es.data_dir})")
 
     def demo_names(self) -> list[str]:
@@ -457,6 +461,34 @@ class Stack:
                 self.crashed.append((child.name, code))
         return gone
 
+    @property
+    def redis_started_at(self) -> float:
+        return self._redis_started_at
+
+    def redis_exited(self) -> int | None:
+        """The embedded Redis's exit code, once, when it died on its own (None while it runs)."""
+        es = self._redis
+        proc = getattr(es, "proc", None)
+        if proc is None or self._redis_down:
+            return None
+        code = proc.poll()
+        if code is not None:
+            self._redis_down = True
+            self.crashed.append(("redis", code))
+        return code
+
+    def restart_redis(self) -> None:
+        """Starts the embedded Redis again on its socket and data (its append-only file is replayed)."""
+        from mesh.redis_embed import EmbeddedRedis
+
+        es = self._redis
+        assert isinstance(es, EmbeddedRedis)
+        with _stop_signals_blocked():
+            es.start()
+        self._redis_started_at = time.monotonic()
+        self._redis_down = False
+        self._write_pids()
+
     def restart(self, old: Child) -> Child:
         """Starts a crashed service again in place of `old` (same command, environment and port)."""
         old.wait(5.0)  # reap it and let its log reader finish
@@ -537,31 +569,43 @@ class Restarts:
     service keeps crashing within `stable_s` of its start; one that ran `stable_s` waits `base_s` again."""
 
     def __init__(
-        self, stack: Stack, base_s: float = 1.0, max_s: float = 30.0, stable_s: float = 60.0
+        self,
+        base_s: float = 1.0,
+        max_s: float = 30.0,
+        stable_s: float = 60.0,
+        report: Callable[[str], None] = lambda message: None,
     ) -> None:
-        self.stack = stack
+        self.report = report
         self.base_s = base_s
         self.max_s = max_s
         self.stable_s = stable_s
-        self._due: list[tuple[float, Child]] = []
+        self._due: list[tuple[float, str, Callable[[], object]]] = []
         self._delay: dict[str, float] = {}
 
-    def crashed(self, child: Child) -> float:
-        """Schedules a restart of `child`; returns the delay."""
+    def crashed(self, name: str, started_at: float, restart: Callable[[], object]) -> float:
+        """Schedules `restart` of the service `name` (started at `started_at`); returns the delay."""
         now = time.monotonic()
-        previous = self._delay.get(child.name, 0.0)
-        quick = previous and now - child.started_at < self.stable_s
+        previous = self._delay.get(name, 0.0)
+        quick = previous and now - started_at < self.stable_s
         delay = min(self.max_s, previous * 2) if quick else self.base_s
-        self._delay[child.name] = delay
-        self._due.append((now + delay, child))
+        self._delay[name] = delay
+        self._due.append((now + delay, name, restart))
         return delay
 
-    def due(self) -> list[Child]:
-        """Restarts the services whose delay is over; returns the new children."""
+    def due(self) -> list[tuple[str, object]]:
+        """Runs the restarts whose delay is over: (name, what the restart returned) for each that
+        worked; one that failed is scheduled again, later."""
         now = time.monotonic()
         ready = [item for item in self._due if item[0] <= now]
         self._due = [item for item in self._due if item[0] > now]
-        return [self.stack.restart(child) for _, child in ready]
+        done = []
+        for _, name, restart in ready:
+            try:
+                done.append((name, restart()))
+            except Exception as exc:
+                delay = self.crashed(name, now, restart)
+                self.report(f"restarting {name} failed ({exc}); trying again in {delay:.0f} s")
+        return done
 
 
 def _summary(stack: Stack) -> None:
@@ -666,18 +710,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     starting = False
     _summary(stack)
-    restarts = Restarts(stack) if not args.no_restart else None
+    restarts = Restarts(report=stack.info) if not args.no_restart else None
+
+    def crashed(name: str, code: int, started_at: float, restart: Callable[[], object]) -> None:
+        then = ""
+        if restarts is not None:
+            then = f"; restarting it in {restarts.crashed(name, started_at, restart):.0f} s"
+        stack.console.print(f"[bold red]mesh.up: {name} exited unexpectedly with code {code}{then}[/]")
+
     while not stop.wait(0.5):
         for child, code in stack.check_children():
-            then = ""
-            if restarts is not None:
-                then = f"; restarting it in {restarts.crashed(child):.0f} s"
-            stack.console.print(
-                f"[bold red]mesh.up: {child.name} exited unexpectedly with code {code}{then}[/]"
-            )
+            crashed(child.name, code, child.started_at, partial(stack.restart, child))
+        redis_code = stack.redis_exited()
+        if redis_code is not None:
+            crashed("redis", redis_code, stack.redis_started_at, stack.restart_redis)
         if restarts is not None:
-            for child in restarts.due():
-                stack.info(f"{child.name} restarted (pid {child.pid}, {child.address or 'new address'})")
+            for name, new in restarts.due():
+                where = f"pid {new.pid}, {new.address}" if isinstance(new, Child) else stack.redis_url
+                stack.info(f"{name} restarted ({where})")
     stack.info(
         f"{received[0] if received else 'stop'} received: stopping gateway, workers, router, compressor, redis"
     )

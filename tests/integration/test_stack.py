@@ -59,7 +59,7 @@ def var_dir() -> Iterator[Path]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_up_serves_digits_restarts_a_killed_worker_and_stops_on_sigint(var_dir: Path) -> None:
+def test_up_serves_digits_restarts_killed_services_and_stops_on_sigint(var_dir: Path) -> None:
     import torch
     import tritonclient.grpc as grpcclient
 
@@ -139,6 +139,24 @@ def test_up_serves_digits_restarts_a_killed_worker_and_stops_on_sigint(var_dir: 
             client.close()
         np.testing.assert_allclose(again, expected, rtol=1e-4, atol=1e-4)
         assert any("worker-0 exited unexpectedly" in line and "restarting it" in line for line in lines)
+
+        # The embedded Redis killed with SIGKILL starts again on its socket, with the registry's data.
+        killed = _pids(var_dir)["redis"]
+        os.kill(killed, signal.SIGKILL)
+        while _pids(var_dir).get("redis") in (None, killed):
+            assert time.monotonic() < deadline + 30, "redis not restarted:\n" + "".join(lines[-40:])
+            time.sleep(0.2)
+
+        async def digits_registered() -> int:
+            from mesh.registry import Registry
+
+            registry = await Registry.connect(endpoints["redis"], "maas")
+            try:
+                return len(await registry.list_versions("digits"))
+            finally:
+                await registry.close()
+
+        assert asyncio.run(digits_registered()) >= 1
 
         children = _pids(var_dir)
         proc.send_signal(signal.SIGINT)

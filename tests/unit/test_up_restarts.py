@@ -4,49 +4,40 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
 
 from mesh.up import Child, Restarts
 
 
-class _Recorder:
-    """Stands in for Stack.restart: records what would be started again."""
-
-    def __init__(self) -> None:
-        self.restarted: list[Child] = []
-
-    def restart(self, old: Child) -> Child:
-        self.restarted.append(old)
-        return old
-
-
-def _child(name: str, ran_s: float) -> Child:
-    child = Child(name, [sys.executable, "-c", "pass"], {}, lambda name, line: None)
-    child.started_at = time.monotonic() - ran_s
-    return child
-
-
 def test_delay_doubles_while_a_service_keeps_crashing_and_resets_once_it_ran() -> None:
-    stack: Any = _Recorder()
-    restarts = Restarts(stack, base_s=1.0, max_s=5.0, stable_s=60.0)
-    assert restarts.crashed(_child("worker-0", ran_s=2.0)) == 1.0
-    assert restarts.crashed(_child("worker-0", ran_s=2.0)) == 2.0
-    assert restarts.crashed(_child("worker-0", ran_s=2.0)) == 4.0
-    assert restarts.crashed(_child("worker-0", ran_s=2.0)) == 5.0  # capped
-    assert restarts.crashed(_child("router", ran_s=2.0)) == 1.0  # per service
-    assert restarts.crashed(_child("worker-0", ran_s=120.0)) == 1.0  # it had run long enough
+    restarts = Restarts(base_s=1.0, max_s=5.0, stable_s=60.0)
+    ago = time.monotonic() - 2.0
+    assert restarts.crashed("worker-0", ago, lambda: None) == 1.0
+    assert restarts.crashed("worker-0", ago, lambda: None) == 2.0
+    assert restarts.crashed("worker-0", ago, lambda: None) == 4.0
+    assert restarts.crashed("worker-0", ago, lambda: None) == 5.0  # capped
+    assert restarts.crashed("router", ago, lambda: None) == 1.0  # per service
+    assert (
+        restarts.crashed("worker-0", time.monotonic() - 120.0, lambda: None) == 1.0
+    )  # it had run long enough
 
 
-def test_due_restarts_only_what_waited_its_delay() -> None:
-    stack: Any = _Recorder()
-    restarts = Restarts(stack, base_s=0.0)
-    first = _child("gateway", ran_s=1.0)
-    restarts.crashed(first)
-    assert restarts.due() == [first] and stack.restarted == [first]
+def test_due_runs_only_what_waited_its_delay_and_retries_a_failed_restart() -> None:
+    started: list[str] = []
+    reports: list[str] = []
+    restarts = Restarts(base_s=0.0, report=reports.append)
+    restarts.crashed("gateway", time.monotonic(), lambda: started.append("gateway") or "new")
+    assert restarts.due() == [("gateway", "new")] and started == ["gateway"]
     assert restarts.due() == []
-    slow = Restarts(stack, base_s=60.0)
-    slow.crashed(_child("router", ran_s=1.0))
-    assert slow.due() == []
+
+    def broken() -> None:
+        raise RuntimeError("port in use")
+
+    restarts.crashed("redis", time.monotonic(), broken)
+    assert restarts.due() == []
+    assert reports and "restarting redis failed (port in use)" in reports[0]
+    slow = Restarts(base_s=60.0)
+    slow.crashed("router", time.monotonic(), lambda: started.append("router"))
+    assert slow.due() == [] and started == ["gateway"]
 
 
 def test_a_respawned_service_binds_the_port_it_had() -> None:
