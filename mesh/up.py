@@ -592,6 +592,11 @@ class Restarts:
         self._due.append((now + delay, name, restart))
         return delay
 
+    @property
+    def pending(self) -> bool:
+        """Whether a restart is still waiting for its delay (or to be tried again)."""
+        return bool(self._due)
+
     def due(self) -> list[tuple[str, object]]:
         """Runs the restarts whose delay is over: (name, what the restart returned) for each that
         worked; one that failed is scheduled again, later."""
@@ -733,7 +738,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     stack.stop()
     stack.info("stopped")
-    return 1 if stack.crashed else 0
+    # 1: a service crashed and was not running again when the stack stopped.
+    unrecovered = stack.crashed and (restarts is None or restarts.pending)
+    return 1 if unrecovered else 0
 
 
 if __name__ == "__main__":

@@ -26,14 +26,16 @@ def test_due_runs_only_what_waited_its_delay_and_retries_a_failed_restart() -> N
     reports: list[str] = []
     restarts = Restarts(base_s=0.0, report=reports.append)
     restarts.crashed("gateway", time.monotonic(), lambda: started.append("gateway") or "new")
+    assert restarts.pending
     assert restarts.due() == [("gateway", "new")] and started == ["gateway"]
+    assert not restarts.pending
     assert restarts.due() == []
 
     def broken() -> None:
         raise RuntimeError("port in use")
 
     restarts.crashed("redis", time.monotonic(), broken)
-    assert restarts.due() == []
+    assert restarts.due() == [] and restarts.pending  # scheduled again
     assert reports and "restarting redis failed (port in use)" in reports[0]
     slow = Restarts(base_s=60.0)
     slow.crashed("router", time.monotonic(), lambda: started.append("router"))
