@@ -348,15 +348,23 @@ def _tail(output: str, n: int = 3) -> str:
     return " | ".join([ln for ln in output.strip().splitlines() if ln.strip()][-n:])
 
 
-def run_perf(
-    target: str,
-    url: str,
-    concurrency: int,
-    rnd: int,
-    args: argparse.Namespace,
-    groups: dict[str, list[int]],
-    out: Path,
-) -> Run:
+@dataclass
+class Point:
+    """One measurement: a target at one concurrency in one round, and where its figures go."""
+
+    target: str
+    url: str
+    concurrency: int
+    rnd: int
+    args: argparse.Namespace
+    groups: dict[str, list[int]]
+    """Process groups whose CPU time is read (name -> pids)."""
+    out: Path
+
+
+def run_perf(point: Point) -> Run:
+    target, url, concurrency, rnd = point.target, point.url, point.concurrency, point.rnd
+    args, groups, out = point.args, point.groups, point.out
     stem = f"perf-{target}-c{concurrency}-r{rnd}"
     csv_path = out / f"{stem}.csv"
     cpu0 = {g: cpu_seconds(p) for g, p in groups.items()}
@@ -386,16 +394,10 @@ def run_perf(
     return run
 
 
-def run_loadgen(
-    target: str,
-    url: str,
-    concurrency: int,
-    rnd: int,
-    args: argparse.Namespace,
-    groups: dict[str, list[int]],
-    out: Path,
-) -> Run:
+def run_loadgen(point: Point) -> Run:
     """One closed-loop point from the project's load generator (tritonclient.grpc.aio, a process of its own)."""
+    target, url, concurrency, rnd = point.target, point.url, point.concurrency, point.rnd
+    args, groups, out = point.args, point.groups, point.out
     argv = [str(ROOT / ".venv" / "bin" / "python"), "-m", "mesh.benchtools.loadgen", url, MODEL]
     argv += ["-c", str(concurrency), "--duration", str(args.duration), "--warmup", str(args.warmup)]
     argv += ["--model", MODEL]
@@ -743,8 +745,9 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(1, args.rounds + 1):
             for c in concurrencies:
                 for t in targets:
-                    runs.append(run_perf(t, urls[t], c, rnd, args, groups, out))
-                    runs.append(run_loadgen(t, urls[t], c, rnd, args, groups, out))
+                    point = Point(t, urls[t], c, rnd, args, groups, out)
+                    runs.append(run_perf(point))
+                    runs.append(run_loadgen(point))
         info["load_after_measuring"] = os.getloadavg()
     except KeyboardInterrupt as exc:
         print(f"interrupted ({exc or 'SIGINT'}): stopping the servers", flush=True)
