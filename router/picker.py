@@ -320,11 +320,12 @@ class Picker:
             raise Unavailable(f"version: {model} version {version} is not ready ({state})")
         ep = self._pick(entry.healthy, exclude)
         if ep is None:
-            # Every healthy replica not tried yet is ejected: try the least loaded of them anyway.
-            # Ejection steers traffic to the other replicas; where none is left, refusing every
+            # Every healthy replica of the version is ejected: try the least loaded one not excluded
+            # anyway. Ejection steers traffic to the other replicas; where none is left, refusing every
             # request until the timer ends would turn one transient failure of a lone replica into
-            # seconds of outage (a dead one fails the request fast either way).
-            ejected = [e for e in entry.healthy if e.worker_id not in exclude]
+            # seconds of outage (a dead one fails the request fast either way). While one is usable
+            # but excluded (the caller wants another worker), the answer stays Unavailable.
+            ejected = [] if self._usable(entry) else [e for e in entry.healthy if e.worker_id not in exclude]
             if not ejected:
                 raise Unavailable(f"version: no healthy worker serves {model} version {version}")
             ep = min(ejected, key=_cost)

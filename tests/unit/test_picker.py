@@ -192,10 +192,9 @@ def test_exclude_and_eject() -> None:
         seen.add(ep.worker_id)
         p.release(ep)
     assert seen == {"a", "b"}
-    # Where every replica not tried yet is ejected, an ejected one is tried rather than none.
-    assert p.acquire("digits", 1, exclude={"a", "b"}).worker_id == "c"
+    # a and b are usable, only excluded: the ejected c is not picked instead.
     with pytest.raises(Unavailable):
-        p.acquire("digits", 1, exclude={"a", "b", "c"})
+        p.acquire("digits", 1, exclude={"a", "b"})
     # A table that still lists c as healthy does not end the ejection...
     t2 = _table(2, versions={1: [_ep("a"), _ep("b"), _ep("c")]})
     p.set_table(t2)
@@ -220,12 +219,20 @@ def test_a_lone_ejected_replica_keeps_serving() -> None:
     # The retry of a request that failed on it goes nowhere else, so it fails.
     with pytest.raises(Unavailable):
         p.acquire("digits", 1, exclude={"a"})
+    # While another replica is usable, an ejected one is not picked even when the usable one is
+    # excluded (the gateway's stream affinity excludes the others, then falls back to any replica).
+    p = _picker(_table(versions={1: [_ep("a"), _ep("b")]}))
+    p.eject("a", 60.0)
+    with pytest.raises(Unavailable):
+        p.acquire("digits", 1, exclude={"b"})
     # With two replicas both ejected, the less loaded one is tried.
     p = _picker(_table(versions={1: [_ep("a"), _ep("b")]}))
     p.eject("a", 60.0)
     p.eject("b", 60.0)
     busy = p.acquire("digits", 1)
     assert p.acquire("digits", 1).worker_id != busy.worker_id
+    # ...and a retry goes to the one it has not tried.
+    assert p.acquire("digits", 1, exclude={"a"}).worker_id == "b"
 
 
 def test_unhealthy_endpoints_are_never_picked() -> None:
