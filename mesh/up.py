@@ -214,7 +214,7 @@ class Stack:
         self.sink: LogSink = sink or self._print_line
         self.redis_url = config.redis_url or ""
         self._redis: object | None = None
-        self._redis_started_at = 0.0
+        self.redis_started_at = 0.0
         self._redis_down = False
         self.children: list[Child] = []
         self.gateway: Child | None = None
@@ -311,7 +311,7 @@ class Stack:
         with _stop_signals_blocked():
             self.redis_url = es.start()
         self._redis = es
-        self._redis_started_at = time.monotonic()
+        self.redis_started_at = time.monotonic()
         self.info(f"embedded redis at {self.redis_url} (appendonly, data in {es.data_dir})")
 
     def demo_names(self) -> list[str]:
@@ -461,10 +461,6 @@ class Stack:
                 self.crashed.append((child.name, code))
         return gone
 
-    @property
-    def redis_started_at(self) -> float:
-        return self._redis_started_at
-
     def redis_exited(self) -> int | None:
         """The embedded Redis's exit code, once, when it died on its own (None while it runs)."""
         es = self._redis
@@ -485,7 +481,7 @@ class Stack:
         assert isinstance(es, EmbeddedRedis)
         with _stop_signals_blocked():
             es.start()
-        self._redis_started_at = time.monotonic()
+        self.redis_started_at = time.monotonic()
         self._redis_down = False
         self._write_pids()
 
