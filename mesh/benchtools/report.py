@@ -64,8 +64,9 @@ requests answered). What the parts cost, measured in-process while tuning:
   Xeon, where an idle echo answered in 0.24-0.28 ms at best, against 0.40-0.55 ms before, and the load
   swung within minutes): a quiet stretch measured the hop at +0.30 ms with perf_analyzer by hand
   (0.75-0.79 vs 0.46-0.47 ms), while `make bench` runs measured +0.28 / +0.70 ms (15:13 UTC,
-  tritonclient / perf_analyzer) and +0.98 / +0.53 ms (15:57 UTC, an echo answering in 0.58 ms instead
-  of 0.28 a minute earlier). Three processes passing one request along on two shared vCPUs suffer
+  tritonclient / perf_analyzer), then +0.98 / +0.53 ms (15:57), +0.85 / +1.04 ms (16:11) and +1.08 /
+  +0.70 ms (16:23), each on a stretch where the bare echo answered the Python client in 0.55-0.58 ms
+  while perf_analyzer had seen it answer in 0.28-0.37 ms a minute before. Three processes passing one request along on two shared vCPUs suffer
   the host's noise more than two: in the noisy runs every process's CPU per request rose, the
   gateway's and the worker's about twice as much as on a quiet stretch, and even the client's own CPU
   per request rose by a third in the gateway scenario against the direct one, with the same client
