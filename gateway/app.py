@@ -113,7 +113,7 @@ async def start_gateway(settings: GatewaySettings, *, registry: Registry | None 
         settings.public_tls_cert_file, settings.public_tls_key_file, settings.public_tls_client_ca_file
     )
     # Public credentials only: the mesh's own mTLS settings are for calls between services.
-    host = ServiceHost("gateway", None, credentials=credentials)
+    host = ServiceHost("gateway", None, credentials=credentials, max_message_mb=settings.max_message_mb)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(GatewayServicer(service), host.server)
     host.add_service(SERVICE_NAME)
     try:

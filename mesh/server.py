@@ -24,8 +24,9 @@ from mesh.settings import MeshSettings
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE = 2**31 - 1
-# Every hop takes what tritonclient sends (INT32_MAX): the 4 MiB grpcio default would refuse large
-# tensors with RESOURCE_EXHAUSTED at the first internal hop.
+# Every hop sends what tritonclient sends (INT32_MAX) and channels take any answer: the 4 MiB grpcio
+# default would refuse large tensors with RESOURCE_EXHAUSTED at the first internal hop. Servers bound
+# what they take from clients by MeshSettings.max_message_mb (ServiceHost).
 GRPC_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", _MAX_MESSAGE),
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
@@ -46,6 +47,8 @@ _SERVER_OPTIONS: list[tuple[str, Any]] = [
     # A restarted service must not share a port with a stale one.
     ("grpc.so_reuseport", 0),
 ]
+
+_DEFAULTS = MeshSettings.model_construct()  # field defaults, without reading the environment
 
 REQUEST_ID_KEY = "x-request-id"
 # Error details travel in trailing metadata, which clients cap at 8 KiB by default: a message quoting a
@@ -78,10 +81,21 @@ _ID_PREFIX = os.urandom(4).hex()
 _ID_COUNTER = itertools.count(1)
 
 
+# A client's own request id travels on to every hop and into every log line of the request: longer ones
+# are refused (a 12,000-character id went through a gateway, then broke its stream to the worker, whose
+# metadata limit is 8 KiB). W3C trace ids and UUIDs are far shorter.
+MAX_REQUEST_ID = 256
+
+
 def _request_id(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     for key, value in metadata or ():
         if key == REQUEST_ID_KEY:
-            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+            rid = value if isinstance(value, str) else value.decode("utf-8", "replace")
+            if len(rid) > MAX_REQUEST_ID:
+                raise InvalidArgument(
+                    f"{REQUEST_ID_KEY}: {len(rid)} characters, at most {MAX_REQUEST_ID} are accepted"
+                )
+            return rid
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
@@ -184,8 +198,8 @@ class ErrorInterceptor(WrappingInterceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                request_id_var.set(_request_id(context.invocation_metadata()))
                 try:
+                    request_id_var.set(_request_id(context.invocation_metadata()))
                     return await inner_uu(parse(request), context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
@@ -197,8 +211,8 @@ class ErrorInterceptor(WrappingInterceptor):
             inner_su = handler.stream_unary
 
             async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-                request_id_var.set(_request_id(context.invocation_metadata()))
                 try:
+                    request_id_var.set(_request_id(context.invocation_metadata()))
                     return await inner_su(parsed(request_iterator), context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
@@ -210,19 +224,30 @@ class ErrorInterceptor(WrappingInterceptor):
         inner_stream = handler.unary_stream or handler.stream_stream
         client_streams = handler.stream_stream is not None
 
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            request_id_var.set(_request_id(context.invocation_metadata()))
+        # Responses are written with context.write rather than yielded to grpc: when the client has gone
+        # (a cancel, a reset) with responses still to send, the failed write surfaces here and ends the
+        # call quietly, where grpc itself logs an ERROR with a traceback for every such stream.
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> None:
+            result: Any = None
             try:
+                request_id_var.set(_request_id(context.invocation_metadata()))
                 result = inner_stream(parsed(request) if client_streams else parse(request), context)
                 if inspect.isasyncgen(result):
+                    write = context.write
                     async for item in result:
-                        yield item
+                        try:
+                            await write(item)
+                        except (grpc.aio.InternalError, grpc.aio.UsageError):
+                            raise _client_gone(method, grpc.StatusCode.CANCELLED) from None
                 else:
                     await result
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
                 await abort(context, exc, method)
+            finally:
+                if inspect.isasyncgen(result):
+                    await result.aclose()  # runs the handler's own cleanup now, not at garbage collection
 
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(streaming, None, handler.response_serializer)
@@ -286,12 +311,23 @@ class ServiceHost:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         options: Sequence[tuple[str, Any]] = (),
         credentials: grpc.ServerCredentials | None = None,
+        max_message_mb: int | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
+        if max_message_mb is None:
+            max_message_mb = (settings or _DEFAULTS).max_message_mb
+        # Channels (GRPC_OPTIONS) take whatever the services they call send; a server bounds what it
+        # takes from its clients.
+        receive = min(_MAX_MESSAGE, max_message_mb << 20)
         self.server = grpc.aio.server(
             interceptors=[ErrorInterceptor(name), *interceptors],
-            options=[*GRPC_OPTIONS, *_SERVER_OPTIONS, *options],
+            options=[
+                *(o for o in GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length"),
+                ("grpc.max_receive_message_length", receive),
+                *_SERVER_OPTIONS,
+                *options,
+            ],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

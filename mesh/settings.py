@@ -47,6 +47,11 @@ class MeshSettings(BaseSettings):
     tls_ca_file: Path | None = Field(default=None, validation_alias=_common("tls_ca_file"))
     """PEM CA bundle that peers' certificates must chain to; set on both sides to require mTLS."""
 
+    max_message_mb: int = Field(default=64, ge=1, le=2047, validation_alias=_common("max_message_mb"))
+    """Largest message a service accepts, in MiB, after decompression (grpc's default is 4 MiB, which
+    refuses ordinary tensors). A bound matters for compressed requests: grpc inflates a gzip message
+    before any handler sees it, and 64 KiB of zeros on the wire become 64 MiB in the server."""
+
     @property
     def tls_enabled(self) -> bool:
         return self.tls_cert_file is not None and self.tls_key_file is not None

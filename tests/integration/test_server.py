@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from mesh.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable, from_rpc_error
-from mesh.server import ServiceHost, open_channel
+from mesh.server import MAX_REQUEST_ID, REQUEST_ID_KEY, ServiceHost, open_channel
 from mesh.v2 import SERVICE_NAME, pb, pb_grpc
 
 
@@ -51,13 +51,24 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
         loop.call_later(delay, expire)
         return await failed
 
+    def __init__(self) -> None:
+        self.stream_ended = asyncio.Event()
+
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async for req in request_iterator:
-            if req.id == "bad":
-                raise InvalidArgument("inputs[0].shape: negative dimension")
-            yield pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(id=req.id))
+        try:
+            async for req in request_iterator:
+                if req.id == "bad":
+                    raise InvalidArgument("inputs[0].shape: negative dimension")
+                # "flood": far more than HTTP/2 flow control lets through to a client that does not read.
+                for _ in range(400 if req.id == "flood" else 1):
+                    response = pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(id=req.id))
+                    if req.id == "flood":
+                        response.infer_response.raw_output_contents.append(bytes(100_000))
+                    yield response
+        finally:
+            self.stream_ended.set()
 
 
 @pytest.fixture
@@ -202,4 +213,73 @@ async def test_undecodable_requests_and_huge_messages_keep_their_code(host: Serv
             await stub.ModelReady(pb.ModelReadyRequest(name="x" * 20_000))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert len(err.value.details() or "") < 2_100
+        assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+
+
+async def test_messages_over_the_limit_are_refused_compressed_or_not(servicer: _Servicer) -> None:
+    h = ServiceHost("test", max_message_mb=1)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, h.server)
+    await h.start("127.0.0.1:0")
+    try:
+        request = pb.ModelInferRequest(model_name="m", raw_input_contents=[bytes(2 << 20)])
+        for compression in (None, grpc.Compression.Gzip):
+            # 2 MiB of zeros is about 2 KiB gzipped: the server must not inflate it past its limit.
+            async with open_channel(
+                h.address, options=[("grpc.default_compression_algorithm", 0)]
+            ) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.ModelInfer(request, compression=compression)
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, compression
+                assert "larger than max" in (err.value.details() or "")
+                # Under the limit, the request reaches the handler (which does not serve ModelInfer).
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.ModelInfer(
+                        pb.ModelInferRequest(model_name="m", raw_input_contents=[bytes(1 << 19)]),
+                        compression=compression,
+                    )
+                assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await h.stop(0)
+
+
+async def test_request_ids_are_bounded(host: ServiceHost) -> None:
+    async with open_channel(host.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        ok = await stub.ServerLive(pb.ServerLiveRequest(), metadata=((REQUEST_ID_KEY, "r" * MAX_REQUEST_ID),))
+        assert ok.live
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ServerLive(pb.ServerLiveRequest(), metadata=((REQUEST_ID_KEY, "r" * 5_000),))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert REQUEST_ID_KEY in (err.value.details() or "")
+
+        async def one() -> AsyncIterator[pb.ModelInferRequest]:
+            yield pb.ModelInferRequest(id="a")
+
+        call = stub.ModelStreamInfer(one(), metadata=((REQUEST_ID_KEY, "r" * 5_000),))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert REQUEST_ID_KEY in (err.value.details() or "")
+
+
+async def test_a_stream_cancelled_with_responses_unsent_ends_quietly(
+    host: ServiceHost, servicer: _Servicer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A client that cancels while the server still has responses to send: grpc logged an ERROR with a
+    # traceback for every such stream when the handler yielded its responses to grpc.
+    caplog.set_level(logging.INFO)
+    async with open_channel(host.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(3):
+            servicer.stream_ended.clear()
+            call = stub.ModelStreamInfer()
+            await call.write(pb.ModelInferRequest(id="flood"))
+            first = await call.read()
+            assert first.infer_response.id == "flood"
+            call.cancel()
+            await asyncio.wait_for(servicer.stream_ended.wait(), 10)  # the handler's cleanup ran
+        await asyncio.sleep(0.2)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not errors, [r.getMessage() for r in errors[:3]]
         assert (await stub.ServerLive(pb.ServerLiveRequest())).live
