@@ -20,6 +20,10 @@ LATENCY = Histogram(
 RETRIES = Counter("maas_gateway_retries_total", "Requests retried on another replica", ["model"])
 IN_FLIGHT = Gauge("maas_gateway_in_flight", "Inference requests being served")
 STREAMS = Gauge("maas_gateway_streams", "Open ModelStreamInfer streams")
+STREAM_QUEUED = Gauge(
+    "maas_gateway_stream_queued",
+    "Responses held for ModelStreamInfer clients that have not read them yet (bounded per stream)",
+)
 COALESCED_REQUESTS = Histogram(
     "maas_gateway_coalesced_requests",
     "Client requests merged into one upstream call",

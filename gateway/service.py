@@ -17,7 +17,7 @@ import grpc.aio
 
 from gateway.auth import ANONYMOUS, Authenticator, Principal
 from gateway.coalesce import Coalescer
-from gateway.metrics import IN_FLIGHT, METRICS, STREAMS
+from gateway.metrics import IN_FLIGHT, METRICS, STREAM_QUEUED, STREAMS
 from gateway.ratelimit import RateLimiter
 from gateway.settings import GatewaySettings
 from gateway.upstream import WorkerLink
@@ -147,6 +147,60 @@ class _Resend:
     worker_id: str
 
 
+class _Outbox:
+    """What one client stream's response loop takes next: workers' responses, errors, and its own
+    bookkeeping (upstreams opened, resends, ends).
+
+    Responses and errors (`put`) wait while `limit` items are queued, so a client that does not read
+    stops the gateway reading its workers, and flow control pushes back to the client's own writes;
+    bookkeeping (`put_nowait`) never waits, since it is sent from cleanup code that must not block."""
+
+    __slots__ = ("_closed", "_items", "_limit", "_ready", "_space")
+
+    def __init__(self, limit: int) -> None:
+        self._items: deque[Any] = deque()
+        self._limit = limit
+        self._ready = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put_nowait(self, item: Any) -> None:
+        if self._closed:  # the stream ended: what its producers still report goes nowhere
+            return
+        self._items.append(item)
+        STREAM_QUEUED.inc()
+        self._ready.set()
+        if len(self._items) >= self._limit:
+            self._space.clear()
+
+    async def put(self, item: Any) -> None:
+        while len(self._items) >= self._limit:
+            self._space.clear()
+            await self._space.wait()
+        self.put_nowait(item)
+
+    def discard(self) -> None:
+        """Drops what the client will never read (its stream ended)."""
+        self._closed = True
+        STREAM_QUEUED.dec(len(self._items))
+        self._items.clear()
+        self._space.set()  # releases producers waiting for room (their items are dropped)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        STREAM_QUEUED.dec()
+        if len(self._items) < self._limit:
+            self._space.set()
+        return item
+
+
 class _StreamUpstream:
     """One upstream ModelStreamInfer call to one worker, on behalf of one client stream."""
 
@@ -154,9 +208,10 @@ class _StreamUpstream:
         self,
         address: str,
         call: Any,
-        out: asyncio.Queue[Any],
+        out: _Outbox,
         picker: Picker,
         eject_s: float,
+        affinity: dict[str, _StreamUpstream],
         grpc_error: bool = False,
     ) -> None:
         self.address = address
@@ -165,6 +220,8 @@ class _StreamUpstream:
         self.out = out
         self.picker = picker
         self.eject_s = eject_s
+        # The client stream's request id -> upstream map: an id leaves it with its last pending request.
+        self.affinity = affinity
         # Requests sent per request id, oldest first; each leaves on its final response.
         self.pending: dict[str, deque[_Sent]] = {}
         self.broken: str | None = None
@@ -185,6 +242,13 @@ class _StreamUpstream:
             self.picker.release(sent.popleft().endpoint)
             if not sent:
                 del self.pending[request_id]
+                self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """Ends an id's affinity to this upstream once nothing of it is in flight here (the map would
+        otherwise keep every id a long-lived stream ever sent)."""
+        if self.affinity.get(request_id) is self:
+            del self.affinity[request_id]
 
     async def _read(self) -> None:
         # Whether the worker failed the stream (it died, drained, or ended it with requests unanswered):
@@ -222,6 +286,7 @@ class _StreamUpstream:
             # nothing of them came back yet (once), otherwise answered with an error, so clients never
             # wait forever.
             for request_id, sent in list(self.pending.items()):
+                self._forget(request_id)
                 for item in sent:
                     self.picker.release(item.endpoint)
                     if worker_failed:
@@ -287,6 +352,7 @@ class GatewayService:
         self._links: dict[str, WorkerLink] = {}
         self._multiplex = settings.upstream == "stream"
         self._stream_max_bytes = settings.stream_max_bytes
+        self._stream_max_queued = settings.stream_max_queued
         self._channels: dict[str, grpc.aio.Channel] = {}
         # (model, version) -> (the signature it was built from, its inputs prepared for validate_request)
         self._specs: dict[tuple[str, int], tuple[Any, InputSpecs]] = {}
@@ -488,9 +554,13 @@ class GatewayService:
                     if exc.code() in _RETRY_ELSEWHERE:
                         raise Unavailable(exc.details() or exc.code().name) from None
                     raise from_rpc_error(exc) from None
-            except Unavailable as exc:
-                # The worker is gone, or refused before doing the work: skip it for a while.
-                picker.eject(ep.worker_id, self._eject_s)
+            except (Unavailable, NotFound) as exc:
+                if isinstance(exc, Unavailable):
+                    # The worker is gone, or refused before doing the work: skip it for a while.
+                    picker.eject(ep.worker_id, self._eject_s)
+                # NotFound: the worker does not serve the version the route table placed on it (it was
+                # unloaded there a moment before this gateway got the table saying so); the worker
+                # itself is fine. Either way it did not do the work, and another replica may.
                 if retries <= 0:
                     raise
                 retries -= 1
@@ -506,7 +576,7 @@ class GatewayService:
         """ModelStreamInfer: each request goes to one worker (sticky per request id within the stream);
         responses flow back as the workers send them; per-request errors keep the stream open."""
         principal = await self.principal(metadata)
-        out: asyncio.Queue[Any] = asyncio.Queue()
+        out = _Outbox(self._stream_max_queued)
         upstreams: dict[str, _StreamUpstream] = {}
         affinity: dict[str, _StreamUpstream] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -533,11 +603,31 @@ class GatewayService:
             finally:
                 for up in list(upstreams.values()):
                     await up.close_writing()
-                await out.put(_STREAM_DONE)
+                out.put_nowait(_STREAM_DONE)
 
-        pumper = asyncio.get_running_loop().create_task(pump())
+        async def resend(item: _Resend) -> None:
+            # Its worker's stream broke before any answer: once more, on another replica. In a task of its
+            # own: a write to the new upstream may wait for flow control, which only the response loop
+            # (reading the outbox the upstreams fill) can free.
+            try:
+                up = await self._stream_one(
+                    item.request, principal, upstreams, affinity, deadline, rid_metadata, out,
+                    exclude=item.worker_id,
+                )  # fmt: skip
+                if pumper.done():  # the client already half-closed: so does this new upstream
+                    await up.close_writing()
+            except MeshError as exc:
+                out.put_nowait(
+                    exc if grpc_error else _stream_error(item.request.id, f"{exc.code.name}: {exc.message}")
+                )
+            finally:
+                out.put_nowait(_STREAM_DONE)
+
+        loop = asyncio.get_running_loop()
+        pumper = loop.create_task(pump())
+        resends: set[asyncio.Task[None]] = set()
         try:
-            producers = 1  # the pump, plus one per upstream stream it opens
+            producers = 1  # the pump, plus one per upstream stream it opens and one per resend under way
             while producers:
                 item = await out.get()
                 if item is _STREAM_DONE:
@@ -545,19 +635,11 @@ class GatewayService:
                 elif isinstance(item, _StreamUpstream):
                     producers += 1
                 elif isinstance(item, _Resend):
-                    # Its worker's stream broke before any answer: once more, on another replica.
                     METRICS.retry(item.request.model_name)
-                    try:
-                        up = await self._stream_one(
-                            item.request, principal, upstreams, affinity, deadline, rid_metadata, out,
-                            exclude=item.worker_id,
-                        )  # fmt: skip
-                        if pumper.done():  # the client already half-closed: so does this new upstream
-                            await up.close_writing()
-                    except MeshError as exc:
-                        if grpc_error:
-                            raise
-                        yield _stream_error(item.request.id, f"{exc.code.name}: {exc.message}")
+                    producers += 1
+                    task = loop.create_task(resend(item))
+                    resends.add(task)
+                    task.add_done_callback(resends.discard)
                 elif isinstance(item, MeshError):
                     raise item
                 else:
@@ -567,7 +649,10 @@ class GatewayService:
                 raise error
         finally:
             STREAMS.dec()
+            out.discard()
             pumper.cancel()
+            for task in list(resends):
+                task.cancel()
             for up in upstreams.values():
                 up.cancel()
 
@@ -579,7 +664,7 @@ class GatewayService:
         affinity: dict[str, _StreamUpstream],
         deadline: float | None,
         rid_metadata: tuple[tuple[str, str], ...],
-        out: asyncio.Queue[Any],
+        out: _Outbox,
         exclude: str | None = None,
     ) -> _StreamUpstream:
         """Sends one streamed request to a worker (the one its id is sticky to, if any); `exclude`: a
@@ -605,10 +690,16 @@ class GatewayService:
                 remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
                 call = self._stub(ep.address).ModelStreamInfer(timeout=remaining, metadata=rid_metadata)
                 up = _StreamUpstream(
-                    ep.address, call, out, picker, self._eject_s, (GRPC_ERROR_KEY, "true") in rid_metadata
+                    ep.address,
+                    call,
+                    out,
+                    picker,
+                    self._eject_s,
+                    affinity,
+                    (GRPC_ERROR_KEY, "true") in rid_metadata,
                 )
                 upstreams[ep.address] = up
-                await out.put(up)  # counts one more producer for the response loop
+                out.put_nowait(up)  # counts one more producer for the response loop
         if request.id:
             affinity[request.id] = up
         await up.send(request, ep, retry=exclude is None and self._retries > 0)

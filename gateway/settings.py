@@ -73,6 +73,12 @@ class GatewaySettings(MeshSettings):
     """With `upstream="stream"`: requests whose tensor bytes exceed this take a v2 call of their own, so
     that a large request does not hold up the small ones queued behind it on the shared stream."""
 
+    stream_max_queued: int = Field(default=64, ge=1)
+    """ModelStreamInfer: responses held for one client stream that is not reading them. Past it, the
+    gateway stops reading that stream's workers, whose own bound then stops them reading requests, and
+    HTTP/2 flow control pushes back on the client's writes: a client that never reads costs the mesh a
+    bounded amount of memory."""
+
     coalesce: bool = True
     """Merge concurrent requests for one version into one upstream call (models with max_batch_size > 0)."""
 

@@ -476,6 +476,77 @@ async def test_stream_grpc_error_mode_ends_with_the_status(env: Env) -> None:
     assert len(got) == 1 and got[0][1] is None  # "ok" was answered before the stream ended
 
 
+def _digits_stream_request(request_id: str, x: np.ndarray) -> pb.ModelInferRequest:
+    return encode_request(pb.ModelInferRequest(model_name="digits", id=request_id), [("pixels", x)])
+
+
+def _stream_queued() -> float:
+    return REGISTRY.get_sample_value("maas_gateway_stream_queued") or 0.0
+
+
+async def test_a_stream_client_that_does_not_read_holds_a_bounded_backlog(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A client that keeps sending and never reads: the gateway holds at most `stream_max_queued` of its
+    # responses and stops reading its workers, instead of buffering every answer.
+    gateway = env.stack.gateway
+    monkeypatch.setattr(gateway.service, "_stream_max_queued", 8)
+    x = pixels(64, seed=11)  # 2.5 KiB of logits per response: far more than HTTP/2 windows hold
+    expected = env.art.digits_reference(x)
+    n = 400
+    # (without BDP probing, the client's receive window stays at its initial size)
+    async with grpc.aio.insecure_channel(gateway.address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
+
+        async def write_all() -> None:
+            for i in range(n):
+                await call.write(_digits_stream_request(f"b{i}", x))
+            await call.done_writing()
+
+        writer = asyncio.create_task(write_all())
+        await wait_until(lambda: _stream_queued() >= 8, 30, "the stream's backlog to fill")
+        await asyncio.sleep(0.5)  # the workers keep answering; the gateway must not take more of it
+        assert _stream_queued() <= 8 + 2, _stream_queued()  # + its own bookkeeping items
+        ids = []
+        async for response in call:
+            assert not response.error_message, response.error_message
+            out = response.infer_response
+            logits = np.frombuffer(out.raw_output_contents[0], np.float32).reshape(64, 10)
+            np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+            ids.append(out.id)
+        await asyncio.wait_for(writer, 10)
+    assert sorted(ids) == sorted(f"b{i}" for i in range(n))
+    await wait_until(lambda: _stream_queued() == 0, 5, "the backlog gauge to drain")
+
+
+async def test_a_long_lived_stream_forgets_answered_request_ids(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Request ids are sticky to one worker while they have requests in flight; a stream that lives for
+    # hours must not keep every id it ever sent.
+    import gateway.service as gateway_service
+
+    maps: list[dict[str, object]] = []
+    real_init = gateway_service._StreamUpstream.__init__
+
+    def spy(self: object, *args: object, **kwargs: object) -> None:
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+        maps.append(self.affinity)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(gateway_service._StreamUpstream, "__init__", spy)
+    x = pixels(1, seed=12)
+    async with grpc.aio.insecure_channel(env.stack.gateway.address) as channel:
+        call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
+        for i in range(200):
+            await call.write(_digits_stream_request(f"a{i}", x))
+        for _ in range(200):
+            response = await call.read()
+            assert not response.error_message, response.error_message
+        assert maps and all(len(m) == 0 for m in maps), [len(m) for m in maps]
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+
+
 async def test_canary_split_is_weighted_and_sticky(env: Env) -> None:
     c1, c2 = env.canary
     picker = env.stack.gateway.picker

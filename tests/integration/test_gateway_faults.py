@@ -21,6 +21,7 @@ from tests.integration.gateway_stack import (
     WorkerProcess,
     gateway_settings,
     make_artifacts,
+    ready_endpoints,
     register_digits,
     router_settings,
     running_stack,
@@ -135,6 +136,37 @@ async def test_router_restart_under_load_loses_no_request(
             await load.stop()
         assert load.ok > 0
         assert load.failures == Counter(), load.failures
+
+
+async def test_a_worker_that_no_longer_serves_a_version_is_skipped(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    # A worker unloads a version a moment before the gateway gets the table that says so (a retire, a
+    # scale-down): its NOT_FOUND means "not here", and the request goes to another replica.
+    art = make_artifacts(tmp_path)
+    store = ArtifactStore(tmp_path / "store")
+    async with running_stack(redis_url, prefix, store, in_process_workers=2, coalesce=False) as stack:
+        v = await register_digits(stack.registry, store, art)
+        mv = await stack.registry.get_version("digits", v)
+        mv.min_replicas = 2
+        await stack.registry.update_version(mv)
+        await wait_until(
+            lambda: ready_endpoints(stack.gateway.picker.table, "digits", v) == 2, 30, "two replicas"
+        )
+        await stack.router.stop(0)  # the gateway keeps its last table, which still lists both workers
+        await stack.workers[0].manager.unload("digits", v)
+        retries = REGISTRY.get_sample_value("maas_gateway_retries_total", {"model": "digits"}) or 0.0
+        for upstream in ("stream", "unary"):
+            stack.gateway.service._multiplex = upstream == "stream"
+            load = Load(stack.gateway.address)
+            load.start()
+            await asyncio.sleep(1.0)
+            await load.stop()
+            assert load.ok > 0
+            assert load.failures == Counter(), (upstream, load.failures)
+        after = REGISTRY.get_sample_value("maas_gateway_retries_total", {"model": "digits"}) or 0.0
+        assert after > retries  # requests did meet the worker without the version
+        assert not stack.gateway.picker.is_ejected(stack.workers[0].worker_id)  # that worker is fine
 
 
 async def test_large_requests_take_a_call_of_their_own(
