@@ -58,6 +58,8 @@ TRANSITIONS: dict[int, set[int]] = {
     VS.RETIRED: set(),
 }
 INITIAL_STATES = {VS.REGISTERED, VS.READY, VS.REJECTED}
+# The alias that requests naming no version (and no traffic split) go to.
+STABLE_ALIAS = "stable"
 
 
 def state_name(state: int) -> str:
@@ -382,13 +384,18 @@ class Registry:
                     continue
 
     async def set_state(
-        self, model: str, version: int, state: int, reason: str = ""
+        self, model: str, version: int, state: int, reason: str = "", *, force: bool = False
     ) -> common_pb2.ModelVersion:
-        """Moves a version along the state machine; an illegal move is FailedPrecondition."""
+        """Moves a version along the state machine; an illegal move is FailedPrecondition.
+
+        Retiring the version that serves the model's requests is FailedPrecondition too unless `force`
+        (see _check_retire): retired is terminal, and a slip would leave the model unservable."""
         if state not in TRANSITIONS:
             raise InvalidArgument(f"state: unknown version state {state}")
 
-        def mutate(mv: common_pb2.ModelVersion) -> dict[str, Any] | None:
+        async def mutate(mv: common_pb2.ModelVersion) -> dict[str, Any] | None:
+            if state == VS.RETIRED and mv.state == VS.READY and not force:
+                await self._check_retire(model, version)
             if mv.state == state:
                 if reason and mv.reason != reason:
                     mv.reason = reason
@@ -407,6 +414,27 @@ class Registry:
         if state in (VS.RETIRED, VS.FAILED, VS.REJECTED):
             await self._drop_references(model, version)
         return mv
+
+    async def _check_retire(self, model: str, version: int) -> None:
+        """Refuses to retire a READY version that requests still go to: the target of the `stable` alias,
+        or the model's last READY version while a traffic split is set. Runs inside set_state's WATCH on
+        the versions, so a version changing state meanwhile makes the write retry with a fresh check (an
+        alias moved at the same instant is not watched: this guards against a slip, it is no lock)."""
+        how = f"or retire it with force (maas models retire {model} {version} --force)"
+        if (await self.get_aliases(model)).get(STABLE_ALIAS) == version:
+            raise FailedPrecondition(
+                f"version: {model}:{version} is the model's '{STABLE_ALIAS}' version; point "
+                f"'{STABLE_ALIAS}' at another READY version first (maas models alias {model} "
+                f"{STABLE_ALIAS} VERSION), {how}"
+            )
+        if not await self.get_traffic(model):
+            return
+        ready = [mv.ref.version for mv in await self.list_versions(model) if mv.state == VS.READY]
+        if ready == [version]:
+            raise FailedPrecondition(
+                f"version: {model}:{version} is the model's last READY version and its traffic split "
+                f"sends requests to it; clear the split first (maas models traffic {model}), {how}"
+            )
 
     async def update_version(self, mv: common_pb2.ModelVersion) -> common_pb2.ModelVersion:
         """Replaces a version's lineage, labels, replicas and reason (not its identity or state)."""
@@ -541,8 +569,8 @@ class Registry:
         traffic = [(v, w) for v, w in await self.get_traffic(model) if w > 0]
         if traffic:
             return max(traffic, key=lambda vw: vw[1])[0]
-        if "stable" in aliases:
-            return aliases["stable"]
+        if STABLE_ALIAS in aliases:
+            return aliases[STABLE_ALIAS]
         ready = [mv.ref.version for mv in await self.list_versions(model) if mv.state == VS.READY]
         if not ready:
             raise VersionNotFound(model, "latest READY")

@@ -56,9 +56,15 @@ def index_held(
 
 
 def build_routes(
-    models: Iterable[common_pb2.Model], workers: Mapping[str, worker_pb2.WorkerStats], held: HeldIndex
+    models: Iterable[common_pb2.Model],
+    workers: Mapping[str, worker_pb2.WorkerStats],
+    held: HeldIndex,
+    hidden: Collection[WorkerVersion] = (),
 ) -> list[router_pb2.ModelRoute]:
-    """The route table's models: active versions with their endpoints (draining workers unhealthy)."""
+    """The route table's models: active versions with their endpoints (draining workers unhealthy).
+
+    `hidden` pairs are left out although the worker still holds them: the router is about to unload
+    them, and gateways must stop sending there before the worker stops serving."""
     routes = []
     for m in sorted(models, key=lambda m: m.name):
         route = router_pb2.ModelRoute(model=m.name, aliases=m.aliases, traffic=m.traffic)
@@ -70,7 +76,7 @@ def build_routes(
             )
             for wid, h in sorted(held.get((m.name, mv.ref.version), {}).items()):
                 w = workers.get(wid)
-                if w is None:
+                if w is None or (wid, m.name, mv.ref.version) in hidden:
                     continue
                 vr.endpoints.add(
                     worker_id=wid,
@@ -121,15 +127,18 @@ def memory_victims(
     pressure: float,
     default_min_replicas: int = 1,
     busy: Collection[Key] = (),
+    unloading: Collection[str] = (),
 ) -> list[tuple[str, Key]]:
     """For each worker above `pressure` x its memory budget, its coldest idle version that is not needed
-    there: not active any more, or a replica above the version's base count. One per worker and pass."""
+    there: not active any more, or a replica above the version's base count. One per worker and pass;
+    none on a worker in `unloading` (an unload is already under way there, waiting out its grace, and
+    the memory it frees shows only once it is done)."""
     workers = list(workers)
     live = {w.worker_id for w in workers if not w.draining}
     out = []
     for w in workers:
         budget = w.memory_budget_bytes
-        if w.draining or budget <= 0 or w.memory_used_bytes <= budget * pressure:
+        if w.draining or w.worker_id in unloading or budget <= 0 or w.memory_used_bytes <= budget * pressure:
             continue
         surplus = []
         for lv in w.loaded:

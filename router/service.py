@@ -23,7 +23,7 @@ from mesh.errors import (
     VersionNotFound,
     from_rpc_error,
 )
-from mesh.registry import Registry
+from mesh.registry import STABLE_ALIAS, Registry
 from mesh.server import open_channel
 from mesh.settings import MeshSettings
 from mesh_pb import common_pb2, router_pb2, worker_pb2, worker_pb2_grpc
@@ -32,6 +32,7 @@ from router.placement import (
     DEAD_STATES,
     HeldIndex,
     Key,
+    WorkerVersion,
     base_replicas,
     build_routes,
     capped,
@@ -44,7 +45,6 @@ from router.settings import RouterSettings
 log = logging.getLogger(__name__)
 
 VS = common_pb2.VersionState
-STABLE_ALIAS = "stable"
 # Errors after which another try (later, or on another worker) may succeed; anything else is the
 # version's fault (bad artifact, wrong sha256, unknown format) and fails a version that never served.
 _TRANSIENT = (Unavailable, DeadlineExceeded, ResourceExhausted)
@@ -84,6 +84,9 @@ class RouterService:
         self._workers: dict[str, worker_pb2.WorkerStats] = {}
         self._registry_failed = False
         self._recovery_until = 0.0
+        # When the registry first answered (monotonic); the first table may wait for heartbeats after it.
+        self._first_read: float | None = None
+        self._holding_back = False
         self._held: HeldIndex = {}
         self._table = router_pb2.RouteTable()
         self._table_body = b""
@@ -103,6 +106,11 @@ class RouterService:
         self._retry_after: dict[tuple[str, str, int], float] = {}
         self._high_since: dict[Key, float] = {}
         self._idle_since: dict[Key, float] = {}
+        # Pairs about to be unloaded, left out of the table first; the pairs the published table routes;
+        # and, for pairs it no longer routes, when the first table without them was published.
+        self._leaving: set[WorkerVersion] = set()
+        self._routed: set[WorkerVersion] = set()
+        self._unrouted_since: dict[WorkerVersion, float] = {}
         # Versions an operator unloaded through Place; placement leaves them alone until placed again
         # (version 0 = the whole model).
         self._parked: set[Key] = set()
@@ -162,6 +170,8 @@ class RouterService:
                 self._models = {m.name: m for m in listed}
                 self._models_at = time.monotonic()
             workers = {w.worker_id: w for w in await self.registry.list_workers()}
+            if self._first_read is None:
+                self._first_read = time.monotonic()
             if time.monotonic() < self._recovery_until:
                 # Just after an outage the registry may not list workers that are alive: keep them
                 # rather than publish a table without endpoints (gateways would answer UNAVAILABLE).
@@ -169,8 +179,7 @@ class RouterService:
                     workers.setdefault(worker_id, stats)
             self._workers = workers
             self._index()
-            changed = self._publish(build_routes(self._models.values(), self._workers, self._held))
-            self._built.set()
+            changed = self._rebuild()
         if changed:
             self._place_wakeup.set()
         await self._close_stale_clients()
@@ -182,6 +191,46 @@ class RouterService:
             for k in [k for k, exp in table.items() if exp <= now]:
                 del table[k]
         self._held = index_held(self._workers, self._recent_loads, self._recent_unloads)
+        held = {(wid, *key) for key, holders in self._held.items() for wid in holders}
+        for entry in [e for e in self._unrouted_since if e not in held and e not in self._leaving]:
+            del self._unrouted_since[entry]
+
+    def _rebuild(self) -> bool:
+        """Builds the table from the current view and publishes it when it changed (and may be sent)."""
+        routes = build_routes(self._models.values(), self._workers, self._held, self._leaving)
+        if not self._built.is_set() and self._settling(routes):
+            return False
+        changed = self._publish(routes)
+        self._built.set()
+        return changed
+
+    def _settling(self, routes: list[router_pb2.ModelRoute]) -> bool:
+        """True while the first table would give a READY version no endpoint and workers may still be
+        rewriting their heartbeats (the registry first answered this process a moment ago: it just
+        started, or started while the registry was down, whose heartbeat keys expired meanwhile).
+
+        Gateways install a new router's first table over the one they hold (its revision is newer), so
+        one sent before the heartbeats are in would fail every request; until then they keep their last
+        table. A table that routes every READY version goes out at once."""
+        if self._first_read is None:
+            return True
+        waited = time.monotonic() - self._first_read
+        if waited >= self.settings.registry_recovery_grace_s:
+            return False
+        missing = [
+            f"{mr.model}:{vr.version}"
+            for mr in routes
+            for vr in mr.versions
+            if vr.state == VS.READY and not vr.endpoints
+        ]
+        if missing and not self._holding_back:
+            self._holding_back = True
+            log.info(
+                "holding back the first route table up to %.1fs: no heartbeat shows a worker for %s yet",
+                self.settings.registry_recovery_grace_s,
+                ", ".join(missing),
+            )
+        return bool(missing)
 
     def _publish(self, models: list[router_pb2.ModelRoute]) -> bool:
         body = router_pb2.RouteTable(models=models).SerializeToString(deterministic=True)
@@ -193,6 +242,15 @@ class RouterService:
         self._table = router_pb2.RouteTable(revision=revision, models=models, built_ms=now_ms)
         self._table_body = body
         TABLE_REVISION.set(revision)
+        routed = {
+            (e.worker_id, mr.model, vr.version) for mr in models for vr in mr.versions for e in vr.endpoints
+        }
+        now = time.monotonic()
+        for entry in self._routed - routed:
+            self._unrouted_since.setdefault(entry, now)
+        for entry in routed:
+            self._unrouted_since.pop(entry, None)
+        self._routed = routed
         for ev in self._subscribers:
             ev.set()
         return True
@@ -201,7 +259,8 @@ class RouterService:
         """The current table, then every new one (at least every publish_interval_s).
 
         Nothing is sent before the first table is built from the registry: a gateway keeps its last
-        table rather than receiving an empty one from a router that cannot read Redis yet."""
+        table rather than receiving an empty one from a router that cannot read Redis yet, or one built
+        before the workers' heartbeats are in (see _settling)."""
         ev = asyncio.Event()
         self._subscribers.add(ev)
         SUBSCRIBERS.set(len(self._subscribers))
@@ -328,16 +387,24 @@ class RouterService:
         self._relieve_memory_pressure()
 
     def _maybe_scale_down(self, mv: common_pb2.ModelVersion, holders: list[str], now: float) -> None:
+        """Unloads one extra replica once the version saw no queue for scale_down_after_s and that
+        replica served no request for as long.
+
+        Queue depth and in-flight are heartbeat snapshots: a fast model serving thousands of requests a
+        second shows both at 0 nearly always, so only the replica's last request tells it is idle."""
         key = (mv.ref.name, mv.ref.version)
-        queue = sum(self._held[key][w].queue_depth + self._held[key][w].in_flight for w in holders)
+        held = self._held[key]
+        queue = sum(held[w].queue_depth + held[w].in_flight for w in holders)
         if queue > 0:
             self._idle_since.pop(key, None)
             return
         since = self._idle_since.setdefault(key, now)
         if now - since < self.settings.scale_down_after_s:
             return
+        coldest = min(holders, key=lambda w: held[w].last_used_ms)
+        if _now_ms() - held[coldest].last_used_ms < self.settings.scale_down_after_s * 1000:
+            return
         self._idle_since[key] = now
-        coldest = min(holders, key=lambda w: self._held[key][w].last_used_ms)
         self._spawn(self._unload_one(coldest, key, "idle extra replica"))
 
     def _relieve_memory_pressure(self) -> None:
@@ -351,6 +418,7 @@ class RouterService:
             pressure=self.settings.memory_pressure,
             default_min_replicas=self.settings.default_min_replicas,
             busy=busy,
+            unloading={wid for wid, _model, _version in self._leaving},
         )
         for worker_id, key in victims:
             self._spawn(self._unload_one(worker_id, key, "memory pressure"))
@@ -499,9 +567,13 @@ class RouterService:
         return self.holders(*key, include_draining=True)
 
     async def _unload(self, worker_id: str, key: Key, reason: str) -> None:
+        """Takes the version out of the table for that worker, waits unload_grace_s, then unloads it
+        (a failed unload puts the pair back in the table at the next rebuild)."""
         model, version = key
         entry = (worker_id, model, version)
+        self._leaving.add(entry)
         try:
+            await self._leave_table(entry)
             stub = self._client(worker_id).stub
             stats = await stub.UnloadVersion(
                 worker_pb2.UnloadVersionRequest(ref=common_pb2.ModelRef(name=model, version=version)),
@@ -514,12 +586,25 @@ class RouterService:
                 log.warning("unloading %s:%s from %s failed: %s", model, version, worker_id, exc)
                 raise exc from None
             stats = None
+        finally:
+            self._leaving.discard(entry)
         PLACEMENTS.labels("unload", "ok").inc()
         log.info("unloaded %s:%s from %s (%s)", model, version, worker_id, reason)
         self._recent_loads.pop(entry, None)
         self._recent_unloads[entry] = time.monotonic() + self.settings.load_grace_s
         if stats is not None:
             self._note_stats(stats)
+
+    async def _leave_table(self, entry: WorkerVersion) -> None:
+        """Returns once the first published table that no longer routes `entry` is unload_grace_s old.
+
+        A pair the table still routes is taken out of it now (the caller put it in _leaving). A pair
+        this process never saw leave (a version retired before a router restart) waits the full grace
+        from now: gateways may still hold a table of the previous router that routes it."""
+        if entry in self._routed:
+            self._rebuild()
+        since = self._unrouted_since.setdefault(entry, time.monotonic())
+        await asyncio.sleep(max(0.0, since + self.settings.unload_grace_s - time.monotonic()))
 
     def _note_stats(self, stats: worker_pb2.WorkerStats) -> None:
         """A control call's answer is the freshest view of that worker's memory."""

@@ -55,13 +55,20 @@ class RouterSettings(MeshSettings):
     """The queue depth must stay above scale_queue_depth this long before a replica is added."""
 
     scale_down_after_s: float = 120.0
-    """An extra replica (above min_replicas) whose version saw no queue this long is unloaded."""
+    """An extra replica (above min_replicas) is unloaded once its version saw no queue this long and
+    the replica itself served no request this long (a fast model that never queues is not idle)."""
 
     memory_pressure: float = 0.9
     """Fraction of a worker's memory budget above which the router unloads its coldest extra replicas."""
 
     load_timeout_s: float = 120.0
     """Longest wait for one worker's LoadVersion call."""
+
+    unload_grace_s: float = 3.0
+    """A version is unloaded from a worker only this long after the first route table that no longer
+    routes it there was published: gateways get each table a moment after it is built, and one still
+    on the older table would send requests to a worker that stopped serving the version (NOT_FOUND).
+    Applies to retired versions, extra replicas, memory-pressure evictions and Place(unload)."""
 
     load_grace_s: float = 10.0
     """After a load/unload, trust the call's result this long even if heartbeats do not show it yet."""
@@ -71,7 +78,10 @@ class RouterSettings(MeshSettings):
 
     registry_recovery_grace_s: float = 5.0
     """After a registry outage, workers it no longer lists keep their last known endpoints this long
-    (their heartbeat keys expired or were lost with the outage and are being rewritten)."""
+    (their heartbeat keys expired or were lost with the outage and are being rewritten). A router that
+    just started knows no workers yet: its first table waits up to this long after the registry first
+    answers, until heartbeats show an endpoint for every READY version (gateways keep their last table
+    meanwhile rather than install one that routes nowhere)."""
 
     stop_grace_s: float = 2.0
     """Grace period for in-flight RPCs when the router stops."""

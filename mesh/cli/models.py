@@ -173,12 +173,25 @@ def traffic(
 
 
 @app.command()
-def retire(model: str, version: int, reason: str = "retired by operator", redis_url: RedisOpt = None) -> None:
+def retire(
+    model: str,
+    version: int,
+    reason: str = "retired by operator",
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Retire it even if it is the 'stable' version, or the last READY one of a model with a "
+            "traffic split (the model then has nothing to serve).",
+        ),
+    ] = False,
+    redis_url: RedisOpt = None,
+) -> None:
     """Takes a version out of service (terminal); its aliases and traffic share are removed."""
 
     async def go() -> None:
         async with open_registry(redis_url) as reg:
-            mv = await reg.set_state(model, version, common_pb2.RETIRED, reason)
+            mv = await reg.set_state(model, version, common_pb2.RETIRED, reason, force=force)
         console.print(f"{model}:{mv.ref.version} is {state_name(mv.state)}")
 
     run(go)

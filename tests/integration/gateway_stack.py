@@ -123,6 +123,7 @@ def router_settings(redis_url: str, prefix: str, **kw: Any) -> RouterSettings:
         publish_interval_s=0.5,
         debounce_s=0.02,
         placement_interval_s=0.3,
+        unload_grace_s=0.3,
         log_json=False,
     )
     base.update(kw)

@@ -70,6 +70,14 @@ def test_models_register_alias_traffic_retire(env: Path, redis_url: str, prefix:
 
     assert runner.invoke(app, ["models", "retire", "digits", "2"]).exit_code == 0
     assert on_registry(redis_url, prefix, lambda r: r.get_version("digits", 2)).state == common_pb2.RETIRED
+    # Version 1 is stable (and the last READY one): a plain retire is refused with a way out.
+    result = runner.invoke(app, ["models", "retire", "digits", "1"])
+    assert result.exit_code == 1
+    assert "FAILED_PRECONDITION" in result.output and "stable" in result.output and "--force" in result.output
+    assert on_registry(redis_url, prefix, lambda r: r.get_version("digits", 1)).state == common_pb2.READY
+    result = runner.invoke(app, ["models", "retire", "digits", "1", "--force"])
+    assert result.exit_code == 0, result.output
+    assert on_registry(redis_url, prefix, lambda r: r.get_version("digits", 1)).state == common_pb2.RETIRED
 
 
 def test_clear_errors(env: Path) -> None:

@@ -124,11 +124,35 @@ async def test_aliases_and_traffic(registry: Registry) -> None:
     with pytest.raises(InvalidArgument, match="alias"):
         await registry.set_alias("digits", "7", v1)
 
-    # Retiring a version removes it from aliases and from the split.
-    await registry.set_state("digits", v2, VS.RETIRED)
+    # Retiring a version removes it from aliases and from the split (v2 is stable: it takes force).
+    await registry.set_state("digits", v2, VS.RETIRED, force=True)
     model = await registry.get_model("digits")
     assert "canary" not in model.aliases and "stable" not in model.aliases
     assert [(t.version, t.weight) for t in model.traffic] == [(v1, 90.0)]
+
+
+async def test_retire_refuses_what_requests_go_to(registry: Registry) -> None:
+    v1 = (await registry.register_version(request(state=VS.READY))).ref.version
+    v2 = (await registry.register_version(request(state=VS.READY))).ref.version
+    await registry.set_alias("digits", "stable", v1)
+    await registry.set_traffic("digits", [(v1, 50), (v2, 50)])
+    # The stable version: refused, and nothing changed.
+    with pytest.raises(
+        FailedPrecondition, match=r"^version: digits:1 is the model's 'stable' version.*--force"
+    ):
+        await registry.set_state("digits", v1, VS.RETIRED)
+    model = await registry.get_model("digits")
+    assert model.versions[0].state == VS.READY and dict(model.aliases) == {"stable": v1}
+    # Another READY version serves the split and stable: retiring v2 goes through.
+    await registry.set_state("digits", v2, VS.RETIRED)
+    # v1 is now the last READY version and the split still names it: refused even without the alias.
+    await registry.set_alias("digits", "stable", 0)
+    with pytest.raises(FailedPrecondition, match=r"last READY version .* traffic split"):
+        await registry.set_state("digits", v1, VS.RETIRED)
+    # Force goes through; a version that serves nothing (no alias, no split) needs none.
+    assert (await registry.set_state("digits", v1, VS.RETIRED, force=True)).state == VS.RETIRED
+    v3 = (await registry.register_version(request(state=VS.READY))).ref.version
+    assert (await registry.set_state("digits", v3, VS.RETIRED)).state == VS.RETIRED
 
 
 async def test_events_resume_after_dropped_connection(

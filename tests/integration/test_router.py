@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,7 @@ import grpc.aio
 import pytest
 
 from mesh.errors import Unavailable
+from mesh.redis_embed import EmbeddedRedis
 from mesh.registry import Registry
 from mesh_pb import common_pb2, registry_pb2, registry_pb2_grpc, router_pb2, router_pb2_grpc, worker_pb2
 from router.app import RouterApp, start_router
@@ -261,11 +263,22 @@ async def test_registry_admin_api_over_grpc(router: RouterApp, registry: Registr
         assert (await registry.verify_api_key(key.token)) is not None
         assert (await stub.RevokeApiKey(registry_pb2.RevokeApiKeyRequest(key_id=key.key_id))).revoked
         assert (await registry.verify_api_key(key.token)) is None
-        retired = await stub.SetVersionState(
-            registry_pb2.SetVersionStateRequest(
-                ref=common_pb2.ModelRef(name="digits", version=1), state=common_pb2.RETIRED, reason="done"
-            )
+        # The stable version, which also carries the whole split, is not retired by a slip; once the
+        # alias and the split are cleared it is.
+        retire = registry_pb2.SetVersionStateRequest(
+            ref=common_pb2.ModelRef(name="digits", version=1), state=common_pb2.RETIRED, reason="done"
         )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.SetVersionState(retire)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "'stable'" in (err.value.details() or "")
+        await stub.SetAlias(registry_pb2.SetAliasRequest(model="digits", alias="stable", version=0))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.SetVersionState(retire)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "traffic split" in (err.value.details() or "")
+        await stub.SetTraffic(registry_pb2.SetTrafficRequest(model="digits"))
+        retired = await stub.SetVersionState(retire)
         assert retired.state == common_pb2.RETIRED
         events = stub.WatchEvents(registry_pb2.WatchEventsRequest(after_id="0"))
         kinds = []
@@ -297,3 +310,116 @@ async def test_place_unknown_and_no_worker(router: RouterApp, registry: Registry
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Place(router_pb2.PlaceRequest(ref=common_pb2.ModelRef(name="digits", version=1)))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_router_started_before_its_registry_waits_for_heartbeats(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Router and registry restarted together, the router first: the registry comes back with its models
+    # but without the workers' heartbeat keys. A table sent before the workers beat again would route
+    # every READY version nowhere; the first table waits for the heartbeat and goes out on it.
+    data = tmp_path_factory.mktemp("redis-late")
+    server = EmbeddedRedis(data, persist=True)
+    url = server.start()
+    registry = await Registry.connect(url, "late")
+    try:
+        v = await _register(registry)
+        server.stop()
+        app = await start_router(_settings(url, "late", registry_recovery_grace_s=30.0))
+        tables: list[router_pb2.RouteTable] = []
+        watcher = RouteWatcher(app.address, tables.append, backoff_max_s=0.2)
+        await watcher.start()
+        try:
+            await asyncio.sleep(0.5)  # the router is up, its registry is not
+            await asyncio.to_thread(server.start)
+            await asyncio.sleep(1.0)  # the router reads the registry again: a READY version, no worker
+            assert tables == []
+            await _beat(registry, "w1", [("digits", v)])
+            start = time.monotonic()
+            first = await watcher.wait_for_table(timeout=5)
+            assert time.monotonic() - start < 2.0  # on the heartbeat, not at the end of the grace
+            assert tables[0] is first and _endpoints(first, "digits", v) == {"w1": True}
+        finally:
+            await watcher.stop()
+            await app.stop(0)
+    finally:
+        await registry.close()
+        server.stop()
+
+
+async def test_first_table_without_a_worker_goes_out_after_the_grace(
+    redis_url: str, prefix: str, registry: Registry
+) -> None:
+    # A READY version that no worker holds (they all died) is a legitimate table once the router had
+    # the time to see heartbeats: it goes out after registry_recovery_grace_s.
+    v = await _register(registry)
+    app = await start_router(_settings(redis_url, prefix, registry_recovery_grace_s=1.0))
+    watcher = RouteWatcher(app.address, lambda t: None, backoff_max_s=0.2)
+    await watcher.start()
+    try:
+        with pytest.raises(TimeoutError):
+            await watcher.wait_for_table(timeout=0.6)
+        table = await watcher.wait_for_table(timeout=5)
+        assert [vr.version for mr in table.models for vr in mr.versions] == [v]
+        assert _endpoints(table, "digits", v) == {}
+    finally:
+        await watcher.stop()
+        await app.stop(0)
+
+
+async def test_busy_extra_replica_stays_and_an_idle_one_leaves_the_table_before_its_unload(
+    redis_url: str, prefix: str, registry: Registry
+) -> None:
+    # Two (synthetic) workers hold a version whose base is one replica. Both serve a fast model: no
+    # queue and nothing in flight at any heartbeat, but a request every moment. Neither is idle. Once
+    # one stops serving it is unloaded, and first taken out of the table for unload_grace_s.
+    v = await _register(registry)
+    cold: set[str] = set()
+
+    async def beat_forever() -> None:
+        while True:
+            now_ms = int(time.time() * 1000)
+            for wid in ("w1", "w2"):
+                used = now_ms - 600_000 if wid in cold else now_ms
+                stats = worker_pb2.WorkerStats(
+                    worker_id=wid,
+                    address=f"127.0.0.1:{9 + len(wid)}",
+                    device="cpu",
+                    loaded=[
+                        worker_pb2.LoadedVersion(
+                            ref=common_pb2.ModelRef(name="digits", version=v), last_used_ms=used
+                        )
+                    ],
+                )
+                await registry.heartbeat(stats, 30.0)
+            await asyncio.sleep(0.05)
+
+    beats = asyncio.create_task(beat_forever())
+    app = await start_router(
+        _settings(
+            redis_url,
+            prefix,
+            placement=True,
+            placement_interval_s=0.1,
+            scale_down_after_s=0.4,
+            unload_grace_s=30.0,
+        )
+    )
+    tables: list[router_pb2.RouteTable] = []
+    watcher = RouteWatcher(app.address, tables.append, backoff_max_s=0.2)
+    await watcher.start()
+    try:
+        await watcher.wait_for(lambda t: _endpoints(t, "digits", v) == {"w1": True, "w2": True}, timeout=5)
+        await asyncio.sleep(1.5)  # well past scale_down_after_s
+        assert all(_endpoints(t, "digits", v) == {"w1": True, "w2": True} for t in tables)
+        cold.add("w2")
+        await watcher.wait_for(lambda t: _endpoints(t, "digits", v) == {"w1": True}, timeout=5)
+        # Out of the table, not unloaded yet: the worker still reports it (the grace is 30 s).
+        workers = {w.worker_id: w for w in await registry.list_workers()}
+        assert [lv.ref.version for lv in workers["w2"].loaded] == [v]
+    finally:
+        beats.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beats
+        await watcher.stop()
+        await app.stop(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -83,6 +84,7 @@ async def router(redis_url: str, prefix: str) -> AsyncIterator[RouterApp]:
         poll_interval_s=0.1,
         publish_interval_s=0.5,
         placement_interval_s=0.2,
+        unload_grace_s=0.3,
         log_json=False,
     )
     app = await start_router(settings)
@@ -253,4 +255,73 @@ async def test_deep_queue_adds_a_replica(
         # max_replicas=2: no third load attempt anywhere.
         assert len(app.service.holders("digits", mv.ref.version)) == 2
     finally:
+        await app.stop(0)
+
+
+async def test_retired_version_is_served_until_the_unload_grace_ends(
+    registry: Registry,
+    worker: object,
+    redis_url: str,
+    prefix: str,
+    digits_artifact: tuple[torch.nn.Module, str, str],
+) -> None:
+    # A gateway gets each table a moment after the router publishes it; one still on the table before
+    # the retirement sends the retired version's requests to the worker. The worker keeps serving it
+    # for unload_grace_s after the first table without it, and only then unloads it.
+    import tritonclient.grpc.aio as tc
+    from tritonclient.utils import InferenceServerException
+
+    grace_s = 1.5
+    settings = RouterSettings(
+        redis_url=redis_url,
+        key_prefix=prefix,
+        bind="127.0.0.1:0",
+        poll_interval_s=0.1,
+        publish_interval_s=0.5,
+        placement_interval_s=0.1,
+        unload_grace_s=grace_s,
+        log_json=False,
+    )
+    app = await start_router(settings)
+    watcher = RouteWatcher(app.address, lambda t: None, backoff_max_s=0.2)
+    await watcher.start()
+    client = tc.InferenceServerClient(worker.address)  # type: ignore[attr-defined]
+    try:
+        _module, uri, sha = digits_artifact
+        v1 = await _register(registry, uri, sha)
+        assert (await _wait_state(registry, v1, VS.READY)).state == VS.READY
+        v2 = await _register(registry, uri, sha)
+        assert (await _wait_state(registry, v2, VS.READY)).state == VS.READY
+
+        def routed(t: router_pb2.RouteTable) -> set[int]:
+            return {vr.version for mr in t.models for vr in mr.versions if vr.endpoints}
+
+        await watcher.wait_for(lambda t: routed(t) == {v1, v2}, timeout=10)
+        await registry.set_state("digits", v2, VS.RETIRED)  # v1 is stable: v2 needs no force
+        left = await watcher.wait_for(lambda t: routed(t) == {v1}, timeout=5)
+
+        inp = tc.InferInput("pixels", [1, 64], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 64), dtype=np.float32))
+        served = 0
+        failure = ""
+        failed_ms = 0.0
+        deadline = time.time() + grace_s + 10
+        while time.time() < deadline:
+            try:
+                await client.infer("digits", [inp], model_version=str(v2))
+                served += 1
+            except InferenceServerException as exc:
+                failed_ms = time.time() * 1000
+                failure = str(exc)
+                break
+        assert failure, "the retired version was never unloaded"
+        assert "not found" in failure.lower()
+        assert served > 0
+        # No request failed before the grace ended (built_ms: when the table without v2 was published).
+        assert failed_ms >= left.built_ms + grace_s * 1000 - 5
+        result = await client.infer("digits", [inp], model_version=str(v1))
+        assert result.as_numpy("logits").shape == (1, 10)
+    finally:
+        await client.close()
+        await watcher.stop()
         await app.stop(0)

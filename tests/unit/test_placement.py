@@ -84,6 +84,9 @@ def test_build_routes_skips_dead_versions_and_marks_draining() -> None:
     eps = {e.worker_id: (e.healthy, e.queue_depth, e.address) for e in route.versions[0].endpoints}
     assert eps == {"a": (True, 2, "a:1"), "b": (False, 0, "b:1")}
     assert list(route.versions[1].endpoints) == []
+    # A pair about to be unloaded leaves the table while the worker still holds it.
+    (route,) = build_routes([model], workers, index_held(workers), hidden={("a", "digits", 1)})
+    assert [e.worker_id for e in route.versions[0].endpoints] == ["b"]
 
 
 def test_replica_counts() -> None:
@@ -129,6 +132,8 @@ def test_memory_victims_picks_coldest_surplus() -> None:
         ("hot", ("digits", 1))
     ]
     assert memory_victims(workers, versions, held, pressure=0.99) == []
+    # A worker with an unload already under way gets no second one before that one frees its memory.
+    assert memory_victims(workers, versions, held, pressure=0.9, unloading={"hot"}) == []
     # A retired version is always surplus.
     hot2 = _worker("hot", {("digits", 3): (0, 99), ("enc", 1): (0, 1)}, used=950)
     assert memory_victims([hot2], versions, index_held({"hot": hot2}), pressure=0.9) == [
