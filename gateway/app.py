@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,11 @@ class GatewayApp:
     _owned: list[Any] = field(default_factory=list)
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        await self.host.stop(grace_s)
+        """Ends client streams once their requests are answered, then stops the server: unary calls in
+        flight get what is left of `grace_s`."""
+        start = time.monotonic()
+        await self.service.drain(grace_s)
+        await self.host.stop(max(0.0, grace_s - (time.monotonic() - start)))
         await self.watcher.stop()
         await self.service.close()
         for closable in reversed(self._owned):
@@ -127,6 +132,7 @@ async def start_gateway(settings: GatewaySettings, *, registry: Registry | None 
     metrics_port = None
     if settings.metrics_port >= 0:
         metrics_port = start_metrics_server(settings.metrics_port, settings.metrics_addr)
+        log.info("gateway metrics on http://%s:%d/metrics", settings.metrics_addr, metrics_port)
     log.info(
         "gateway serving on %s (tls=%s, keys=%s, router=%s, metrics=%s)",
         host.address,

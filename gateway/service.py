@@ -63,6 +63,7 @@ _STATE_TEXT = {
     common_pb2.RETIRED: ("UNAVAILABLE", "retired"),
 }
 _STREAM_DONE = object()
+_DRAIN = object()  # the gateway is stopping: end the stream once what it sent is answered
 
 Metadata = Iterable[tuple[str, Any]] | None
 PlaceFn = Callable[[router_pb2.PlaceRequest, float], Awaitable[router_pb2.PlaceResponse]]
@@ -357,6 +358,10 @@ class GatewayService:
         # (model, version) -> (the signature it was built from, its inputs prepared for validate_request)
         self._specs: dict[tuple[str, int], tuple[Any, InputSpecs]] = {}
         self._closing: dict[str, asyncio.TimerHandle] = {}
+        # Open client streams (their outboxes), and whether the gateway is stopping (drain).
+        self._streams: set[_Outbox] = set()
+        self._draining = False
+        self._drained = asyncio.Event()  # set when draining and the last stream ended
 
     # ------------------------------------------------------------------ table & channels
 
@@ -406,6 +411,22 @@ class GatewayService:
         if link is None:
             link = self._links[address] = WorkerLink(self._channel(address), address)
         return link
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stops taking new work on client streams and waits (up to `timeout_s`) for each to end: a stream
+        ends once every request it had sent is answered, so a shutdown does not cut a generation short.
+        Requests sent meanwhile are answered UNAVAILABLE (on a stream that then ends); new streams are
+        refused. Unary calls are left to the server's own grace."""
+        self._draining = True
+        for out in self._streams:
+            out.put_nowait(_DRAIN)
+        if self._streams:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout_s)
+        if self._streams:
+            log.warning(
+                "%d client stream(s) still open after the %.1f s drain", len(self._streams), timeout_s
+            )
 
     async def close(self) -> None:
         for handle in self._closing.values():
@@ -575,6 +596,8 @@ class GatewayService:
     ) -> AsyncIterator[Any]:
         """ModelStreamInfer: each request goes to one worker (sticky per request id within the stream);
         responses flow back as the workers send them; per-request errors keep the stream open."""
+        if self._draining:
+            raise Unavailable("gateway is shutting down: open the stream on another gateway or retry")
         principal = await self.principal(metadata)
         out = _Outbox(self._stream_max_queued)
         upstreams: dict[str, _StreamUpstream] = {}
@@ -591,6 +614,13 @@ class GatewayService:
         async def pump() -> None:
             try:
                 async for request in requests:
+                    if self._draining:
+                        refused = Unavailable("gateway is shutting down: send the request on a new stream")
+                        if grpc_error:
+                            await out.put(refused)
+                            return
+                        await out.put(_stream_error(request.id, f"UNAVAILABLE: {refused.message}"))
+                        continue
                     try:
                         await self._stream_one(
                             request, principal, upstreams, affinity, deadline, rid_metadata, out
@@ -623,14 +653,21 @@ class GatewayService:
             finally:
                 out.put_nowait(_STREAM_DONE)
 
+        def idle() -> bool:
+            """Nothing sent upstream is waiting for its final response."""
+            return not resends and not any(up.pending for up in upstreams.values())
+
         loop = asyncio.get_running_loop()
         pumper = loop.create_task(pump())
         resends: set[asyncio.Task[None]] = set()
+        self._streams.add(out)
         try:
             producers = 1  # the pump, plus one per upstream stream it opens and one per resend under way
             while producers:
                 item = await out.get()
-                if item is _STREAM_DONE:
+                if item is _DRAIN:
+                    pass
+                elif item is _STREAM_DONE:
                     producers -= 1
                 elif isinstance(item, _StreamUpstream):
                     producers += 1
@@ -644,11 +681,16 @@ class GatewayService:
                     raise item
                 else:
                     yield item
+                if self._draining and not len(out) and idle():
+                    return  # drained: the stream ends with OK, every request it sent answered
             error = pumper.exception() if pumper.done() and not pumper.cancelled() else None
             if error is not None:
                 raise error
         finally:
             STREAMS.dec()
+            self._streams.discard(out)
+            if self._draining and not self._streams:
+                self._drained.set()
             out.discard()
             pumper.cancel()
             for task in list(resends):

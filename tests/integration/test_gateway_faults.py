@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as aioclient
@@ -14,8 +16,10 @@ from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
 from gateway.app import start_gateway
+from mesh.codec import encode_request
 from mesh.registry import Registry
 from mesh.store import ArtifactStore
+from mesh.v2 import pb, pb_grpc
 from router.app import start_router
 from tests.integration.gateway_stack import (
     WorkerProcess,
@@ -23,11 +27,13 @@ from tests.integration.gateway_stack import (
     make_artifacts,
     ready_endpoints,
     register_digits,
+    register_tinylm,
     router_settings,
     running_stack,
     wait_routable,
     wait_until,
 )
+from workers.models import load_module_state
 
 pytestmark = pytest.mark.slow
 
@@ -167,6 +173,63 @@ async def test_a_worker_that_no_longer_serves_a_version_is_skipped(
         after = REGISTRY.get_sample_value("maas_gateway_retries_total", {"model": "digits"}) or 0.0
         assert after > retries  # requests did meet the worker without the version
         assert not stack.gateway.picker.is_ejected(stack.workers[0].worker_id)  # that worker is fine
+
+
+async def test_a_stopping_gateway_ends_streams_once_their_requests_are_answered(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    # SIGTERM: generations under way finish; what a client sends afterwards is answered UNAVAILABLE; the
+    # stream then ends with OK, and new streams are refused, instead of every stream being cut when the
+    # grace runs out.
+    art = make_artifacts(tmp_path)
+    store = ArtifactStore(tmp_path / "store")
+    async with running_stack(redis_url, prefix, store) as stack:
+        v = await register_tinylm(stack.registry, store, art)
+        await wait_routable(stack.gateway, "tinylm", v)
+        async with grpc.aio.insecure_channel(stack.gateway.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            call = stub.ModelStreamInfer()
+            await call.write(_tinylm("long", 120))
+            first = await call.read()
+            assert first.infer_response.id == "long" and not first.error_message
+            drain = asyncio.create_task(stack.gateway.service.drain(30.0))
+            await asyncio.sleep(0)
+            await call.write(_tinylm("late", 5))
+            texts: dict[str, int] = {"long": 1}
+            errors: dict[str, str] = {}
+            final = False
+            while (response := await call.read()) != grpc.aio.EOF:  # ends though the client never half-closes
+                rid = response.infer_response.id
+                if response.error_message:
+                    errors[rid] = response.error_message
+                    continue
+                texts[rid] = texts.get(rid, 0) + 1
+                final = final or response.infer_response.parameters["triton_final_response"].bool_param
+            await asyncio.wait_for(drain, 30)
+            lm, _ = load_module_state(art.tinylm_path)
+            expected = len(list(lm.generate("the mesh", 120)))  # type: ignore[operator]
+            assert final and texts["long"] == expected, (texts, expected)  # not cut short
+            assert set(errors) == {"late"} and "UNAVAILABLE" in errors["late"], errors
+            assert await call.code() == grpc.StatusCode.OK
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.ModelStreamInfer(_once(_tinylm("new", 3))):
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _tinylm(request_id: str, max_tokens: int) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="tinylm", id=request_id)
+    return encode_request(
+        request,
+        [
+            ("prompt", np.array([b"the mesh"], dtype=object), "BYTES"),
+            ("max_tokens", np.array([max_tokens], np.int32)),
+        ],
+    )
+
+
+async def _once(request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferRequest]:
+    yield request
 
 
 async def test_large_requests_take_a_call_of_their_own(
