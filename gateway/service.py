@@ -226,13 +226,17 @@ class _StreamUpstream:
         # Requests sent per request id, oldest first; each leaves on its final response.
         self.pending: dict[str, deque[_Sent]] = {}
         self.broken: str | None = None
+        self._writing = asyncio.Lock()
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     async def send(self, request: Any, endpoint: Endpoint, retry: bool) -> None:
         """Sends one request; `retry`: it may be resent elsewhere once if the stream breaks unanswered."""
         self.pending.setdefault(request.id, deque()).append(_Sent(endpoint, request, retry))
         try:
-            await self.call.write(request)
+            # One write at a time on a call (grpc core fails a second one under way): the client's
+            # requests and resends from a broken upstream can arrive here together.
+            async with self._writing:
+                await self.call.write(request)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             self._release(request.id)
             raise Unavailable(f"worker {endpoint.worker_id}: stream closed ({exc})") from None
