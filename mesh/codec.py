@@ -87,7 +87,6 @@ _TYPED_FIELD: Mapping[str, str] = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-_CONTENTS_FIELDS = tuple(pb.InferTensorContents.DESCRIPTOR.fields_by_name)
 _LEN = struct.Struct("<I")
 _MAX_BYTES_ELEMENT = 2**32 - 1
 
@@ -229,6 +228,17 @@ def _has_typed(tensor: InputTensor) -> bool:
     return tensor.HasField("contents") and bool(tensor.contents.ListFields())
 
 
+def _refuse_other_contents(contents: pb.InferTensorContents, datatype: str, wanted: str, field: str) -> None:
+    """Refuses values in a typed field other than the datatype's (an FP32 input's values in
+    int_contents), which would otherwise read as an empty `wanted` field of the wrong length."""
+    for descriptor, _ in contents.ListFields():
+        if descriptor.name != wanted:
+            raise InvalidArgument(
+                f"{field}.contents: the {datatype} input carries {descriptor.name}; "
+                f"{datatype} values are expected in {wanted}"
+            )
+
+
 def _decode_typed(tensor: InputTensor, datatype: str, dims: list[int], count: int, field: str) -> np.ndarray:
     dtype = DATATYPES[datatype]
     wanted = _TYPED_FIELD.get(datatype)
@@ -237,9 +247,7 @@ def _decode_typed(tensor: InputTensor, datatype: str, dims: list[int], count: in
             f"{field}.contents: {datatype} has no typed contents; send it in raw_input_contents"
         )
     contents = tensor.contents
-    for name in _CONTENTS_FIELDS:
-        if name != wanted and len(getattr(contents, name)):
-            raise InvalidArgument(f"{field}.contents: {datatype} uses {wanted}, got {name}")
+    _refuse_other_contents(contents, datatype, wanted, field)
     values = getattr(contents, wanted)
     if len(values) != count:
         raise InvalidArgument(
@@ -467,6 +475,7 @@ def validate_request(
                 raise InvalidArgument(
                     f"{field}.contents: {tensor.datatype} has no typed contents; send it in raw_input_contents"
                 )
+            _refuse_other_contents(tensor.contents, tensor.datatype, wanted, field)
             n = len(getattr(tensor.contents, wanted))
             if n != count:
                 raise InvalidArgument(

@@ -163,10 +163,14 @@ async def start_worker(settings: WorkerSettings) -> WorkerApp:
     async def drain(timeout_s: float) -> bool:
         return await holder["app"].drain(timeout_s)
 
-    inference = InferenceServicer(manager, load_model=load_model if registry is not None else None)
+    inference = InferenceServicer(
+        manager,
+        load_model=load_model if registry is not None else None,
+        stream_max_in_flight=settings.stream_max_in_flight,
+    )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, host.server)
     host.add_service(SERVICE_NAME)
-    mux = WorkerInferenceServicer(inference)
+    mux = WorkerInferenceServicer(inference, settings.mux_max_in_flight)
     worker_pb2_grpc.add_WorkerInferenceServicer_to_server(mux, host.server)
     host.add_service(INFERENCE_SERVICE_NAME)
     control = WorkerControlServicer(manager, lambda: holder["app"].address, drain, settings.drain_timeout_s)
@@ -193,6 +197,7 @@ async def start_worker(settings: WorkerSettings) -> WorkerApp:
     try:
         if settings.metrics_port:
             app.metrics_port = start_metrics_server(max(0, settings.metrics_port))
+            log.info("worker metrics on http://127.0.0.1:%d/metrics", app.metrics_port)
         if registry is not None:
             app.heartbeat = Heartbeat(
                 registry,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,6 +24,7 @@ from prometheus_client.utils import floatToGoString
 
 from mesh.codec import InputSpecs
 from mesh.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     InvalidVersion,
@@ -48,6 +50,11 @@ _COMPUTE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 _BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 LOADED_VERSIONS = Gauge("maas_worker_loaded_versions", "Versions loaded on this worker", ("worker",))
 VERSION_MEMORY = Gauge("maas_worker_version_memory_bytes", "Memory held by a loaded version", _LABELS)
+
+# Responses a decoupled model's generator may run ahead of its reader before it gives its compute thread
+# back (ModelManager.generate): enough that a thread hand-off is rare against the steps it runs, few
+# enough that a stream whose client stopped reading holds a handful of responses per request.
+GENERATE_WINDOW = 16
 
 
 class _Histogram:
@@ -337,11 +344,19 @@ class ModelManager:
         sv.metrics.requests += 1
         sv.metrics.failures += 1
 
-    async def generate(self, sv: ServedVersion, inputs: Mapping[str, np.ndarray]) -> AsyncIterator[Arrays]:
-        """Decoupled versions: the model's generator runs on a compute thread, responses come back here."""
+    async def generate(
+        self, sv: ServedVersion, inputs: Mapping[str, np.ndarray], deadline: float | None = None
+    ) -> AsyncGenerator[Arrays, None]:
+        """Decoupled versions: the model's generator runs on a compute thread, responses come back here.
+
+        The generator runs at most GENERATE_WINDOW responses ahead of the caller: then it gives its thread
+        back and resumes (on whichever compute thread is free) once the caller has taken them all, so a
+        caller that stops pulling (its client stopped reading) holds neither a thread nor a growing queue.
+        `deadline` (loop time) ends the generation with DeadlineExceeded once it passes."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         stop = threading.Event()
+        source: list[Iterator[Arrays]] = []  # made by the first run, on a compute thread
 
         def post(kind: str, value: Any) -> None:
             try:
@@ -351,41 +366,74 @@ class ModelManager:
 
         def produce() -> None:
             try:
-                for out in sv.runtime.generate(inputs):
+                if not source:
+                    source.append(iter(sv.runtime.generate(inputs)))
+                responses = source[0]
+                for _ in range(GENERATE_WINDOW):
                     if stop.is_set():
+                        return
+                    try:
+                        out = next(responses)
+                    except StopIteration:
+                        post("end", None)
                         return
                     post("item", out)
             except BaseException as exc:
                 post("error", exc)
-            else:
-                post("end", None)
+                return
+            post("park", None)  # after the window's items, so the caller takes them all before resuming
+
+        def close_source() -> None:
+            # Closing runs a generator's cleanup (its `with` blocks): on a compute thread, as its steps.
+            close = getattr(source[0], "close", None) if source else None
+            if close is not None:
+                with contextlib.suppress(RuntimeError):  # the executor is shut down: nothing to run it on
+                    self.executor.submit(close)
 
         sv.last_used_ms = _now_ms()
         sv.metrics.requests += 1
         sv.streams += 1
         start = time.monotonic_ns()
         first = True
+        finished = False
         ok = False
-        loop.run_in_executor(self.executor, produce)
+        running = loop.run_in_executor(self.executor, produce)
         try:
             while True:
-                kind, value = await queue.get()
+                if deadline is None:
+                    kind, value = await queue.get()
+                else:
+                    try:
+                        if deadline <= loop.time():  # a get with responses waiting would not wait at all
+                            raise TimeoutError
+                        async with asyncio.timeout_at(deadline):
+                            kind, value = await queue.get()
+                    except TimeoutError:
+                        raise DeadlineExceeded(
+                            f"deadline exceeded: '{sv.name}' was still generating when the request's "
+                            "deadline (its 'timeout' parameter or the call's deadline) passed"
+                        ) from None
                 if first:
                     first = False
                     sv.stats.queue.add(0)
                 if kind == "item":
                     yield value
+                elif kind == "park":
+                    running = loop.run_in_executor(self.executor, produce)
                 elif kind == "error":
+                    finished = True
                     if isinstance(value, MeshError):
                         raise value
                     raise RuntimeError(
                         f"model '{sv.name}' failed: {type(value).__name__}: {value}"
                     ) from value
                 else:
-                    ok = True
+                    finished = ok = True
                     return
         finally:
             stop.set()
+            if not finished:  # once the run under way (if any) returns, nothing else touches the generator
+                running.add_done_callback(lambda _: close_source())
             sv.streams -= 1
             elapsed = time.monotonic_ns() - start
             st = sv.stats

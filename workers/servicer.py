@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -175,9 +175,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         manager: ModelManager,
         *,
         load_model: Callable[[str], Any] | None = None,
+        stream_max_in_flight: int = 64,
     ) -> None:
         self.manager = manager
         self._load_model = load_model
+        self.stream_max_in_flight = stream_max_in_flight
 
     # -- health / metadata -------------------------------------------------------------------------------
 
@@ -248,6 +250,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
+        if not request.model_name:
+            raise InvalidArgument("model_name: empty")
         for key in request.parameters:
             raise InvalidArgument(
                 f"parameters[{key!r}]: unrecognized load parameter (config overrides are not served)"
@@ -260,6 +264,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
+        if not request.model_name:
+            raise InvalidArgument("model_name: empty")
         for key, value in request.parameters.items():
             if key != "unload_dependents" or value.WhichOneof("parameter_choice") != "bool_param":
                 raise InvalidArgument(f"parameters[{key!r}]: unrecognized unload parameter")
@@ -301,15 +307,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently; responses leave as they are ready; the stream ends after the client
         half-closes and every request it sent has answered. With the `triton_grpc_error: true` header the
-        first failed request ends the stream with its status code instead of an error_message response."""
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        first failed request ends the stream with its status code instead of an error_message response.
+
+        A stream holds at most `stream_max_in_flight` requests, each from the moment it is read until its
+        last response has left for the client, and as many responses waiting for the client: at the bound
+        the stream is not read (HTTP/2 flow control holds the client back) and a request with a response
+        to queue waits (a decoupled model's generation pauses), so a client that stops reading costs the
+        worker a bounded amount of memory."""
+        limit = self.stream_max_in_flight
+        slots = asyncio.Semaphore(limit)
+        # (item, last): `last` marks a request's final response (or its error), whose leaving frees its slot.
+        queue: asyncio.Queue[tuple[Any, bool]] = asyncio.Queue(limit)
         tasks: set[asyncio.Task[None]] = set()
         grpc_error = grpc_error_mode(context.invocation_metadata())
 
+        async def send(item: Any, last: bool) -> None:
+            await queue.put((item, last))
+
         async def read() -> None:
+            requests = aiter(request_iterator)
             try:
-                async for request in request_iterator:
-                    task = asyncio.create_task(self._stream_one(request, queue.put_nowait, grpc_error))
+                while True:
+                    await slots.acquire()
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        break
+                    task = asyncio.create_task(
+                        self._stream_one(request, send, grpc_error, context.time_remaining())
+                    )
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 while tasks:
@@ -317,18 +343,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the transport broke: end the stream with that error
-                queue.put_nowait(exc)
+                await queue.put((exc, False))
                 return
-            queue.put_nowait(_END)
+            await queue.put((_END, False))
 
         reader = asyncio.create_task(read())
         try:
             while True:
-                item = await queue.get()
+                item, last = await queue.get()
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if last:
+                    slots.release()
                 yield item
         finally:
             reader.cancel()
@@ -336,8 +364,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _stream_one(
-        self, request: pb.ModelInferRequest, send: Callable[[Any], None], grpc_error: bool = False
+        self,
+        request: pb.ModelInferRequest,
+        send: Callable[[Any, bool], Awaitable[None]],
+        grpc_error: bool,
+        remaining: float | None,
     ) -> None:
+        """One request of a ModelStreamInfer stream: sends its responses, the last one marked as such (an
+        error included); `remaining` is the stream's time left (its gRPC deadline), if it has one."""
         sv: ServedVersion | None = None
         try:
             sv = self.manager.resolve(request.model_name, request.model_version)
@@ -346,7 +380,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 empty_final = request.parameters[EMPTY_FINAL].bool_param
             try:
                 inputs = _decode(sv, request)
-                deadline = _deadline(request, None)
+                deadline = _deadline(request, remaining)
             except MeshError:
                 self.manager.count_failure(sv, time.monotonic_ns())
                 raise
@@ -354,27 +388,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 outputs = await self.manager.infer(sv, inputs, deadline, codec.request_priority(request))
                 resp = codec.encode_response(_response(sv, request), _select_outputs(sv, request, outputs))
                 resp.parameters[FINAL].bool_param = True
-                send(pb.ModelStreamInferResponse(infer_response=resp))
+                await send(pb.ModelStreamInferResponse(infer_response=resp), True)
                 return
             held: pb.ModelInferResponse | None = None
-            async for outputs in self.manager.generate(sv, inputs):
-                resp = codec.encode_response(_response(sv, request), _select_outputs(sv, request, outputs))
-                if empty_final:
-                    resp.parameters[FINAL].bool_param = False
-                    send(pb.ModelStreamInferResponse(infer_response=resp))
-                    continue
-                # Hold one response back so the last data response can carry the final flag.
-                if held is not None:
-                    held.parameters[FINAL].bool_param = False
-                    send(pb.ModelStreamInferResponse(infer_response=held))
-                held = resp
-            if held is not None:
-                held.parameters[FINAL].bool_param = True
-                send(pb.ModelStreamInferResponse(infer_response=held))
-            else:
-                final = _response(sv, request)
-                final.parameters[FINAL].bool_param = True
-                send(pb.ModelStreamInferResponse(infer_response=final))
+            async with contextlib.aclosing(self.manager.generate(sv, inputs, deadline)) as generation:
+                async for outputs in generation:
+                    resp = codec.encode_response(
+                        _response(sv, request), _select_outputs(sv, request, outputs)
+                    )
+                    if empty_final:
+                        resp.parameters[FINAL].bool_param = False
+                        await send(pb.ModelStreamInferResponse(infer_response=resp), False)
+                        continue
+                    # Hold one response back so the last data response can carry the final flag.
+                    if held is not None:
+                        held.parameters[FINAL].bool_param = False
+                        await send(pb.ModelStreamInferResponse(infer_response=held), False)
+                    held = resp
+            if held is None:
+                held = _response(sv, request)
+            held.parameters[FINAL].bool_param = True
+            await send(pb.ModelStreamInferResponse(infer_response=held), True)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -384,24 +418,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 log.error("stream request %r failed", request.id, exc_info=exc)
                 message = f"internal error: {type(exc).__name__}: {exc}"
             if grpc_error:  # ends the stream with this status (the output loop raises it)
-                send(exc if isinstance(exc, MeshError) else Internal(message))
+                await send(exc if isinstance(exc, MeshError) else Internal(message), True)
                 return
             err = pb.ModelInferResponse(id=request.id, model_name=request.model_name)
             if sv is not None:
                 err.model_version = sv.version_str
-            send(pb.ModelStreamInferResponse(error_message=message, infer_response=err))
+            await send(pb.ModelStreamInferResponse(error_message=message, infer_response=err), True)
 
 
 class WorkerInferenceServicer(worker_pb2_grpc.WorkerInferenceServicer):
     """The gateway's multiplexed data path: each frame is one ModelInfer request, run concurrently with
-    the others (so they batch together); each result goes back tagged as soon as it is ready.
+    the others (so they batch together); each result goes back tagged as soon as it is ready. With
+    `max_in_flight` frames running, the stream is not read until one has answered.
 
     A frame that its version can compute at once (idle batcher, cheap model: the batcher's inline path)
     is answered right in the read loop, with no task and no hand-off; the others run as tasks, so the
     read loop keeps taking frames while they wait in the batcher's queue."""
 
-    def __init__(self, inference: InferenceServicer) -> None:
+    def __init__(self, inference: InferenceServicer, max_in_flight: int = 1024) -> None:
         self.inference = inference
+        self.max_in_flight = max_in_flight
         self._streams: set[grpc.aio.ServicerContext] = set()
 
     async def close_streams(self) -> None:
@@ -441,6 +477,7 @@ class WorkerInferenceServicer(worker_pb2_grpc.WorkerInferenceServicer):
         self, request_iterator: AsyncIterator[worker_pb2.InferFrame], context: grpc.aio.ServicerContext
     ) -> None:
         running: dict[int, asyncio.Task[None]] = {}
+        slots = asyncio.Semaphore(self.max_in_flight)
         write_lock = asyncio.Lock()
 
         async def send(result: worker_pb2.InferResult) -> None:
@@ -472,7 +509,10 @@ class WorkerInferenceServicer(worker_pb2_grpc.WorkerInferenceServicer):
                 if self.inference.runs_now(request):
                     await send(await self._answer(frame, request))
                 else:
-                    running[frame.tag] = asyncio.create_task(run(frame, request))
+                    await slots.acquire()  # at the bound, read no further until a running frame answers
+                    task = asyncio.create_task(run(frame, request))
+                    task.add_done_callback(lambda _: slots.release())
+                    running[frame.tag] = task
             # The gateway half-closed: answer what is in flight, then end the stream.
             while running:
                 await asyncio.gather(*list(running.values()), return_exceptions=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from mesh.settings import MeshSettings
@@ -50,6 +51,16 @@ class WorkerSettings(MeshSettings):
 
     torch_threads: int = 0
     """torch intra-op threads; 0 = auto: half the CPUs on a CPU device (the rest serve gRPC), torch's default on CUDA."""
+
+    stream_max_in_flight: int = Field(default=64, ge=1)
+    """Requests one ModelStreamInfer stream may have in flight, and responses it may have waiting for its
+    client: at the bound the worker stops reading the stream (HTTP/2 flow control holds the client back)
+    and a decoupled model stops generating, until the client reads. A request counts until its last
+    response has left for the client."""
+
+    mux_max_in_flight: int = Field(default=1024, ge=1)
+    """Requests the gateway's multiplexed stream (maas.v1.WorkerInference) may have in flight here before
+    the worker stops reading it; it carries every client of the gateway, hence the larger bound."""
 
     warmup: bool = True
     """Run each version once on dummy inputs while loading."""

@@ -484,3 +484,17 @@ async def test_priority_parameter_and_output_parameters(
         assert "outputs[0].parameters['classification']" in err.value.message()
     finally:
         await client.close()
+
+
+async def test_repository_load_and_unload_need_a_model_name(worker: WorkerApp) -> None:
+    """An empty model_name is the caller's error (INVALID_ARGUMENT, as on the gateway), not a missing model."""
+    async with open_channel(worker.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for call, request in (
+            (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="")),
+            (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name="")),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                await call(request, timeout=10)
+            assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (rpc.value.details() or "").startswith("model_name")

@@ -288,7 +288,9 @@ def test_typed_errors() -> None:
     t = pb.ModelInferRequest.InferInputTensor(name="x", datatype="INT32", shape=[1])
     t.contents.fp32_contents.append(1.0)
     raises_invalid(
-        f"{field}.contents: INT32 uses int_contents", codec.decode_request, pb.ModelInferRequest(inputs=[t])
+        f"{field}.contents: the INT32 input carries fp32_contents; INT32 values are expected in int_contents",
+        codec.decode_request,
+        pb.ModelInferRequest(inputs=[t]),
     )
     t = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP16", shape=[1])
     t.contents.fp32_contents.append(1.0)
@@ -547,6 +549,18 @@ def test_validate_cheap_data_checks() -> None:
     typed.inputs[0].shape[:] = [4]
     raises_invalid(
         "inputs[0] ('b').contents.int64_contents: holds 3", codec.validate_request, typed, [PAIR[1]], 8
+    )
+    # An FP32 input whose values came in int_contents: the message names the field it used, not an empty
+    # fp32_contents.
+    wrong = pb.ModelInferRequest(inputs=[typed_tensor("pixels", "INT32", np.zeros((1, 64), np.int32))])
+    wrong.inputs[0].datatype = "FP32"
+    raises_invalid(
+        "inputs[0] ('pixels').contents: the FP32 input carries int_contents; "
+        "FP32 values are expected in fp32_contents",
+        codec.validate_request,
+        wrong,
+        DIGITS,
+        8,
     )
     request = triton_request(("x", "FP32", np.zeros(2, np.float32)))
     request.inputs[0].datatype = "FP3"
