@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,6 +33,8 @@ _BIND_ENV = ("MAAS_GATEWAY_BIND", "MAAS_ROUTER_BIND", "MAAS_WORKER_BIND", "MAAS_
 # Services log "<name> listening on <host>:<port>" once bound (mesh.server.ServiceHost.start): with
 # port 0 this is how the stack learns the port a child picked.
 _LISTENING = re.compile(r"listening on (?P<address>[\w.\-\[\]:]+:\d+)")
+# ... and "<name> metrics on http://<host>:<port>/metrics" once its Prometheus endpoint serves.
+_METRICS = re.compile(r"metrics on (?P<url>http://[\w.\-\[\]:]+:\d+/metrics)")
 _COLORS = ["cyan", "green", "magenta", "yellow", "blue", "bright_cyan", "bright_green", "bright_magenta"]
 
 DEFAULT_PORTS = {"gateway": 8001, "metrics": 8002, "router": 8101, "worker": 8201, "compressor": 8301}
@@ -58,6 +61,10 @@ class StackConfig:
     router_port: int = 8101
     worker_base_port: int = 8201
     compressor_port: int = 8301
+    router_metrics_port: int = 9101
+    worker_metrics_base_port: int = 9201
+    """Prometheus ports of the router and the workers, as in docker-compose.yml (ephemeral stacks:
+    free ports for the workers, none for the router)."""
     ephemeral: bool = False
     compressor: bool = True
     var_dir: Path = Path("var")
@@ -95,6 +102,7 @@ class Child:
         self.env = env
         self.sink = sink
         self.address = ""
+        self.metrics_url = ""
         self.bound = threading.Event()
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = False
@@ -124,6 +132,10 @@ class Child:
                 if match:
                     self.address = match.group("address")
                     self.bound.set()
+            if not self.metrics_url and "metrics on http://" in line:
+                found = _METRICS.search(line)
+                if found:
+                    self.metrics_url = found.group("url")
             self.sink(self.name, line)
 
     @property
@@ -140,8 +152,14 @@ class Child:
                 bind = env.get(key, "")
                 if bind.endswith(":0"):
                     env[key] = f"{bind[:-2]}:{port}"
+        if self.metrics_url:  # and its Prometheus endpoint, where scrapers look for it
+            metrics_port = str(urlsplit(self.metrics_url).port)
+            for key, value in env.items():
+                if key.endswith("_METRICS_PORT") and value in ("0", "-1"):
+                    env[key] = metrics_port
         child = Child(self.name, self.argv, env, self.sink)
         child.address = self.address
+        child.metrics_url = self.metrics_url
         if self.address:
             child.bound.set()
         child.start()
@@ -357,7 +375,11 @@ class Stack:
     def start_router(self) -> str:
         cfg = self.config
         bind = f"{cfg.host}:{cfg.port('router', cfg.router_port)}"
-        self.router = self._spawn("router", "router", self._env("router", {"MAAS_ROUTER_BIND": bind}))
+        env = {
+            "MAAS_ROUTER_BIND": bind,
+            "MAAS_ROUTER_METRICS_PORT": "0" if cfg.ephemeral else str(cfg.router_metrics_port),
+        }
+        self.router = self._spawn("router", "router", self._env("router", env))
         return self._await_child(self.router, bind)
 
     def start_workers(self) -> list[str]:
@@ -369,7 +391,7 @@ class Stack:
             env = {
                 "MAAS_WORKER_BIND": bind,
                 "MAAS_WORKER_WORKER_ID": f"worker-{i}",
-                "MAAS_WORKER_METRICS_PORT": "0",
+                "MAAS_WORKER_METRICS_PORT": "-1" if cfg.ephemeral else str(cfg.worker_metrics_base_port + i),
             }
             spawned.append((self._spawn(f"worker-{i}", "workers", self._env("worker", env)), bind))
         addresses = [self._await_child(child, bind) for child, bind in spawned]
@@ -556,6 +578,9 @@ class Stack:
             out[child.name] = child.address
         if self.compressor is not None:
             out["compressor"] = self.compressor.address
+        children = [self.gateway, self.router, *self.workers, self.compressor]
+        for child in [c for c in children if c is not None and c.metrics_url]:
+            out[f"{child.name}-metrics"] = child.metrics_url
         return out
 
 
@@ -619,10 +644,9 @@ def _summary(stack: Stack) -> None:
     table.add_column("service")
     table.add_column("endpoint")
     table.add_row("gateway (KServe v2 gRPC)", eps.get("gateway", "-"))
-    if not stack.config.ephemeral and stack.config.metrics_port > 0:
-        table.add_row("gateway metrics", f"http://127.0.0.1:{stack.config.metrics_port}/metrics")
-    for key in ("router", *[c.name for c in stack.workers], "compressor", "redis"):
-        if key in eps:
+    services = ["gateway", "router", *[c.name for c in stack.workers], "compressor"]
+    for key in [k for name in services for k in (name, f"{name}-metrics")] + ["redis"]:
+        if key in eps and key != "gateway":
             table.add_row(key, eps[key])
     stack.console.print(table)
     url = eps.get("gateway", "127.0.0.1:8001")

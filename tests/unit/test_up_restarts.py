@@ -63,3 +63,35 @@ def test_a_respawned_service_binds_the_port_it_had() -> None:
         assert again.env["MAAS_GATEWAY_BIND"] == "0.0.0.0:8001"  # a fixed bind is kept as it was
     finally:
         again.wait(10.0)
+
+
+def test_a_respawned_service_keeps_its_metrics_port() -> None:
+    # A Prometheus scrape target must survive a restart, as the gRPC address does: the port a service
+    # picked is read from its log line and pinned for the new process.
+    lines = 'print("worker listening on 127.0.0.1:40123"); print("worker metrics on http://127.0.0.1:40999/metrics")'
+    child = Child(
+        "worker-0",
+        [sys.executable, "-c", lines],
+        {"MAAS_WORKER_BIND": "127.0.0.1:0", "MAAS_WORKER_METRICS_PORT": "-1"},
+        lambda name, line: None,
+    )
+    child.start()
+    assert child.wait(10.0) == 0
+    deadline = time.monotonic() + 10
+    while not child.metrics_url and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert child.address == "127.0.0.1:40123"
+    assert child.metrics_url == "http://127.0.0.1:40999/metrics"
+    new = child.respawn()
+    try:
+        assert new.env["MAAS_WORKER_METRICS_PORT"] == "40999"
+        assert new.env["MAAS_WORKER_BIND"] == "127.0.0.1:40123"
+        assert new.metrics_url == child.metrics_url
+    finally:
+        new.wait(10.0)
+    off = Child("router", [sys.executable, "-c", "pass"], {"MAAS_ROUTER_METRICS_PORT": "0"}, print)
+    again = off.respawn()  # no metrics line was seen: nothing to pin, metrics stay off
+    try:
+        assert again.env["MAAS_ROUTER_METRICS_PORT"] == "0"
+    finally:
+        again.wait(10.0)
