@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import signal
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mesh.errors import InvalidArgument, MeshError
+from mesh.errors import InvalidArgument, MeshError, ResourceExhausted
 from mesh.logging import request_id_var
 from mesh.settings import MeshSettings
 
@@ -46,6 +47,10 @@ _SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.max_ping_strikes", 0),
     # A restarted service must not share a port with a stale one.
     ("grpc.so_reuseport", 0),
+    # Compressed requests reach the handlers as sent, and ErrorInterceptor inflates them up to the
+    # message limit: grpc core inflates a whole message before checking its size, so 1 MiB of gzip on
+    # the wire cost a server 1.1 GB of memory on the way to RESOURCE_EXHAUSTED.
+    ("grpc.per_message_decompression", 0),
 ]
 
 _DEFAULTS = MeshSettings.model_construct()  # field defaults, without reading the environment
@@ -149,12 +154,41 @@ def _client_gone(method: str, code: grpc.StatusCode) -> asyncio.CancelledError:
     return asyncio.CancelledError()
 
 
+def inflate(raw: bytes, limit: int) -> bytes:
+    """A request message as its client meant it: a gzip or deflate (zlib) body, which grpc leaves
+    compressed (`grpc.per_message_decompression` off), is inflated here, and never past `limit` bytes.
+
+    grpc compresses a whole message into one gzip or zlib stream. A protobuf message never starts with
+    gzip's magic (its first byte would be a field with wire type 7, which does not exist), and one that
+    happens to start like a zlib header is not a complete, checksummed zlib stream: such bytes are left
+    for the parser."""
+    if raw[:2] == b"\x1f\x8b":
+        wbits = 31
+    elif len(raw) > 2 and raw[0] & 0x0F == 8 and raw[0] >> 4 <= 7 and ((raw[0] << 8) | raw[1]) % 31 == 0:
+        wbits = 15
+    else:
+        return raw
+    inflater = zlib.decompressobj(wbits)
+    try:
+        body = inflater.decompress(raw, limit + 1)
+    except zlib.error:
+        return raw
+    if len(body) > limit:
+        raise ResourceExhausted(
+            f"request: larger than the {limit >> 20} MiB limit once decompressed (MAAS_MAX_MESSAGE_MB)"
+        )
+    if not inflater.eof or inflater.unused_data:
+        return raw
+    return body
+
+
 class ErrorInterceptor(WrappingInterceptor):
     """Maps MeshError to its status code, anything unexpected to INTERNAL (logged), sets request ids."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, max_message_bytes: int = _MAX_MESSAGE) -> None:
         super().__init__()
         self.service = service
+        self.max_message_bytes = max_message_bytes
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
         if isinstance(exc, MeshError):
@@ -176,11 +210,13 @@ class ErrorInterceptor(WrappingInterceptor):
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         abort = self._abort
         deserialize = handler.request_deserializer
+        limit = self.max_message_bytes
 
         # Requests are parsed here rather than by grpc (the wrapped handlers are registered without a
         # deserializer): a body that is not a valid message is the client's error, INVALID_ARGUMENT,
         # where grpc itself would answer UNKNOWN and log a traceback per request.
         def parse(raw: Any) -> Any:
+            raw = inflate(raw, limit)
             if deserialize is None:
                 return raw
             try:
@@ -321,7 +357,7 @@ class ServiceHost:
         # takes from its clients.
         receive = min(_MAX_MESSAGE, max_message_mb << 20)
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(name), *interceptors],
+            interceptors=[ErrorInterceptor(name, receive), *interceptors],
             options=[
                 *(o for o in GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length"),
                 ("grpc.max_receive_message_length", receive),

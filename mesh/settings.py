@@ -49,8 +49,8 @@ class MeshSettings(BaseSettings):
 
     max_message_mb: int = Field(default=64, ge=1, le=2047, validation_alias=_common("max_message_mb"))
     """Largest message a service accepts, in MiB, after decompression (grpc's default is 4 MiB, which
-    refuses ordinary tensors). A bound matters for compressed requests: grpc inflates a gzip message
-    before any handler sees it, and 64 KiB of zeros on the wire become 64 MiB in the server."""
+    refuses ordinary tensors). Compressed requests (gzip, deflate) are inflated up to this bound and
+    refused past it, so a few KiB on the wire cannot cost a server more."""
 
     @property
     def tls_enabled(self) -> bool:

@@ -11,8 +11,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from mesh.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable, from_rpc_error
-from mesh.server import MAX_REQUEST_ID, REQUEST_ID_KEY, ServiceHost, open_channel
+from mesh.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    from_rpc_error,
+)
+from mesh.server import MAX_REQUEST_ID, REQUEST_ID_KEY, ServiceHost, inflate, open_channel
 from mesh.v2 import SERVICE_NAME, pb, pb_grpc
 
 
@@ -222,23 +229,25 @@ async def test_messages_over_the_limit_are_refused_compressed_or_not(servicer: _
     await h.start("127.0.0.1:0")
     try:
         request = pb.ModelInferRequest(model_name="m", raw_input_contents=[bytes(2 << 20)])
-        for compression in (None, grpc.Compression.Gzip):
-            # 2 MiB of zeros is about 2 KiB gzipped: the server must not inflate it past its limit.
-            async with open_channel(
-                h.address, options=[("grpc.default_compression_algorithm", 0)]
-            ) as channel:
-                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        async with open_channel(h.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for compression in (None, grpc.Compression.Gzip, grpc.Compression.Deflate):
+                # 2 MiB of zeros is about 2 KiB compressed: the server must not inflate it past its limit.
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.ModelInfer(request, compression=compression)
                 assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, compression
-                assert "larger than max" in (err.value.details() or "")
-                # Under the limit, the request reaches the handler (which does not serve ModelInfer).
+                assert "larger than" in (err.value.details() or "")
+                # Under the limit, the request reaches the handler, decompressed: it names the model.
                 with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await stub.ModelInfer(
-                        pb.ModelInferRequest(model_name="m", raw_input_contents=[bytes(1 << 19)]),
-                        compression=compression,
-                    )
-                assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                    await stub.ModelReady(pb.ModelReadyRequest(name="z" * 500_000), compression=compression)
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND, compression
+                assert "zzzz" in (err.value.details() or "")
+                call = stub.ModelStreamInfer(_one(pb.ModelInferRequest(id="c")), compression=compression)
+                assert (await call.read()).infer_response.id == "c"
+                call = stub.ModelStreamInfer(_one(request), compression=compression)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call.read()
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, compression
     finally:
         await h.stop(0)
 
@@ -283,3 +292,25 @@ async def test_a_stream_cancelled_with_responses_unsent_ends_quietly(
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert not errors, [r.getMessage() for r in errors[:3]]
         assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+
+
+async def _one(request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferRequest]:
+    yield request
+
+
+def test_inflate_takes_only_complete_compressed_messages_and_stops_at_the_limit() -> None:
+    import gzip
+    import zlib
+
+    body = pb.ModelReadyRequest(name="digits").SerializeToString()
+    assert inflate(body, 1 << 20) is body
+    assert inflate(gzip.compress(body), 1 << 20) == body
+    assert inflate(zlib.compress(body), 1 << 20) == body
+    # Bytes that only start like a zlib stream (a varint field 1 of value 29), or are cut short, are
+    # left for the protobuf parser to judge.
+    frame = bytes([0x08, 29, 0x12, 0x01, 0x41])
+    assert inflate(frame, 1 << 20) is frame
+    cut = zlib.compress(body)[:-3]
+    assert inflate(cut, 1 << 20) is cut
+    with pytest.raises(ResourceExhausted):
+        inflate(gzip.compress(bytes(5 << 20)), 1 << 20)
