@@ -20,6 +20,7 @@ from router.app import RouterApp, start_router
 from router.client import RouteWatcher
 from router.picker import Picker
 from router.settings import RouterSettings
+from tests.integration.gateway_stack import router_settings
 
 workers_app = pytest.importorskip("workers.app")
 workers_settings = pytest.importorskip("workers.settings")
@@ -272,17 +273,9 @@ async def test_retired_version_is_served_until_the_unload_grace_ends(
     from tritonclient.utils import InferenceServerException
 
     grace_s = 1.5
-    settings = RouterSettings(
-        redis_url=redis_url,
-        key_prefix=prefix,
-        bind="127.0.0.1:0",
-        poll_interval_s=0.1,
-        publish_interval_s=0.5,
-        placement_interval_s=0.1,
-        unload_grace_s=grace_s,
-        log_json=False,
+    app = await start_router(
+        router_settings(redis_url, prefix, placement_interval_s=0.1, unload_grace_s=grace_s)
     )
-    app = await start_router(settings)
     watcher = RouteWatcher(app.address, lambda t: None, backoff_max_s=0.2)
     await watcher.start()
     client = tc.InferenceServerClient(worker.address)  # type: ignore[attr-defined]
