@@ -524,17 +524,25 @@ class ModuleStateRuntime(TorchRuntime):
         if isinstance(max_tokens, int) and max_tokens < 1:
             raise InvalidArgument(f"max_tokens: must be at least 1, got {max_tokens}")
         out_name = self.output_specs[0].name if self.output_specs else "output__0"
-        with torch.inference_mode():
-            for chunk in gen(**kwargs):
-                if isinstance(chunk, Mapping):
-                    yield self._outputs(chunk)
-                elif isinstance(chunk, str | bytes):
-                    data = chunk.encode("utf-8") if isinstance(chunk, str) else chunk
-                    arr = np.empty([1], dtype=np.object_)
-                    arr[0] = data
-                    yield {out_name: arr}
-                else:
-                    yield self._outputs(chunk)
+        chunks = iter(gen(**kwargs))
+        while True:
+            # Inference mode for each step, never across a yield: a generation resumes on whichever
+            # compute thread is free (ModelManager.generate), and a `with` block spanning yields would
+            # end on another thread than it began, leaving that thread's mode changed for good.
+            with torch.inference_mode():
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    return
+            if isinstance(chunk, Mapping):
+                yield self._outputs(chunk)
+            elif isinstance(chunk, str | bytes):
+                data = chunk.encode("utf-8") if isinstance(chunk, str) else chunk
+                arr = np.empty([1], dtype=np.object_)
+                arr[0] = data
+                yield {out_name: arr}
+            else:
+                yield self._outputs(chunk)
 
 
 # onnxruntime's tensor type names -> numpy dtypes (bfloat16 has no numpy dtype: such inputs are fed as is).

@@ -160,6 +160,30 @@ def test_decoupled_generate(store: ArtifactStore, tmp_path: Path) -> None:
             list(rt.generate({"prompt": prompt, "max_tokens": np.array([bad], np.int32)}))
 
 
+def test_a_generation_moving_between_threads_leaves_no_thread_in_inference_mode(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    # A paused generation resumes on whichever compute thread is free, and one abandoned by its client is
+    # closed on another thread still: inference mode held across a yield ended on the wrong thread and
+    # left this one (the test's own) in inference mode, where later training failed.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workers.runtimes import serving_thread_init
+
+    rec = tinylm_record(store, save_tinylm(tmp_path / "t.pt"))
+    rt = load_runtime(rec, store.resolve(rec.artifact_uri), CPU)
+    prompt = np.array([b"hello"], dtype=np.object_)
+    generation = rt.generate({"prompt": prompt, "max_tokens": np.array([30], np.int32)})
+    with ThreadPoolExecutor(2, initializer=serving_thread_init, initargs=(1,)) as pool:
+        first = pool.submit(next, generation).result()
+        second = pool.submit(next, generation).result()
+    assert first["text"][0] and second["text"][0]
+    generation.close()  # abandoned here, on a thread that never held inference mode
+    assert not torch.is_inference_mode_enabled()
+    assert next(iter(rt.generate({"prompt": prompt, "max_tokens": np.array([3], np.int32)})))["text"][0]
+    assert not torch.is_inference_mode_enabled()
+
+
 def test_unknown_format_and_device(store: ArtifactStore, tmp_path: Path) -> None:
     rec = mlp_record(store, export_mlp(tmp_path / "m.pt2"))
     rec.format = "tensorflow"
