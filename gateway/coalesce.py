@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from math import prod
 from typing import Any
 
+from mesh.codec import COALESCED_REQUESTS
 from mesh.errors import Internal
 from mesh.v2 import pb
 
@@ -85,6 +86,7 @@ def merge_requests(requests: list[Any], total: int) -> Any:
         merged.raw_input_contents.append(b"".join(r.raw_input_contents[k] for r in requests))
     for requested in first.outputs:
         merged.outputs.add().name = requested.name
+    merged.parameters[COALESCED_REQUESTS].int64_param = len(requests)  # the worker counts each
     return merged
 
 

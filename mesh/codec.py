@@ -536,6 +536,12 @@ def _no_classification(param: pb.InferParameter, field: str) -> None:
 
 # Keys with a fixed meaning in the v2/Triton protocol: the kinds each may carry, and any further rule.
 # Every other key is a user parameter (accepted, not interpreted) unless it starts with "triton_".
+# Set by a gateway on a request it merged from several clients' requests: how many. A worker's statistics
+# count each client request (success, queue and compute counts), as Triton counts requests, so what
+# perf_analyzer reads through a gateway matches what it sent.
+COALESCED_REQUESTS = "maas_coalesced_requests"
+MAX_COALESCED_REQUESTS = 4096
+
 _REQUEST_PARAMETERS: dict[str, tuple[tuple[str, ...], _Rule | None]] = {
     # Lower value = served first by the dynamic batcher; 0 = the model's default (see request_priority).
     "priority": (("int64_param", "uint64_param"), _non_negative),
@@ -544,6 +550,7 @@ _REQUEST_PARAMETERS: dict[str, tuple[tuple[str, ...], _Rule | None]] = {
     "sequence_start": (("bool_param",), None),
     "sequence_end": (("bool_param",), None),
     "triton_enable_empty_final_response": (("bool_param",), None),
+    COALESCED_REQUESTS: (("int64_param",), _non_negative),
 }
 # Per input and per requested output. binary_data (bool) and binary_data_size (int64) are the HTTP
 # binary-tensor extension's hints; over gRPC tensors are always binary (raw contents), so a client that

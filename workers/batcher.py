@@ -107,6 +107,11 @@ class _Item:
     taken: bool = False
     # Queue position: (priority level, arrival number); the queue is kept sorted by it.
     order: tuple[int, int] = (0, 0)
+    # Client requests this one stands for (a gateway merges concurrent ones): statistics count each.
+    requests: int = 1
+
+    def failed(self, stats: VersionStats) -> None:
+        stats.fail.add((time.monotonic_ns() - self.enqueued_ns) * self.requests, self.requests)
 
 
 class BatchObserver:
@@ -190,12 +195,17 @@ class DynamicBatcher:
             self._tasks.append(asyncio.create_task(self._loop(), name=f"batcher-{self.name}-{i}"))
 
     async def submit(
-        self, inputs: Mapping[str, np.ndarray], deadline: float | None = None, priority: int = 0
+        self,
+        inputs: Mapping[str, np.ndarray],
+        deadline: float | None = None,
+        priority: int = 0,
+        requests: int = 1,
     ) -> Arrays:
         """Runs one request (possibly merged with others); `deadline` is in loop.time() seconds.
 
         `priority` is the request's v2 ``priority`` parameter: 0 = the default level, otherwise a lower
-        value is taken from the queue first (see BatchingPolicy.priority_levels).
+        value is taken from the queue first (see BatchingPolicy.priority_levels). `requests`: how many
+        client requests this one carries (a gateway's merged request), as the statistics count them.
         """
         if self._closed:
             raise Unavailable(f"model '{self.name}' is unloading")
@@ -217,7 +227,9 @@ class DynamicBatcher:
         if self.runs_now:
             # Idle fast path: nothing queued or computing, no delay to wait for company, a cheap model:
             # compute here and now (no queue wake-up, no thread hand-off).
-            item = _Item(inputs, size, (), loop.create_future(), time.monotonic_ns(), taken=True)
+            item = _Item(
+                inputs, size, (), loop.create_future(), time.monotonic_ns(), taken=True, requests=requests
+            )
             self._run_inline([item])
             return item.future.result()
         item = _Item(
@@ -227,6 +239,7 @@ class DynamicBatcher:
             loop.create_future(),
             time.monotonic_ns(),
             order=(self._level(priority) if priority else self._default_level, next(self._arrivals)),
+            requests=requests,
         )
         if deadline is not None:
             item.timer = loop.call_at(deadline, self._expire, item)
@@ -246,7 +259,7 @@ class DynamicBatcher:
             if queued and deadline is not None and loop.time() >= deadline - 0.005:
                 # gRPC cancelled the call at its deadline just before the queue's own timer fired:
                 # the same expiry, counted as the same failure.
-                self.stats.fail.add(time.monotonic_ns() - item.enqueued_ns)
+                item.failed(self.stats)
             raise
 
     async def drain(self, timeout_s: float | None = None) -> bool:
@@ -304,7 +317,7 @@ class DynamicBatcher:
         if item.taken or item.future.done():
             return
         self._drop(item)
-        self.stats.fail.add(time.monotonic_ns() - item.enqueued_ns)
+        item.failed(self.stats)
         item.future.set_exception(
             DeadlineExceeded(f"request to '{self.name}' waited in the queue past its deadline")
         )
@@ -506,7 +519,7 @@ class DynamicBatcher:
             log.warning("model %s raised %s: %s", self.name, type(exc).__name__, exc)
         now = time.monotonic_ns()
         for it in batch:
-            self.stats.fail.add(now - it.enqueued_ns)
+            self.stats.fail.add((now - it.enqueued_ns) * it.requests, it.requests)
             self._fail(it, err)
         if self._observer is not None:
             self._observer.on_batch(batch[0].size, 1, queue_ns, now - start_ns, False)
@@ -522,8 +535,8 @@ class DynamicBatcher:
         out_ns: int,
     ) -> None:
         now = time.monotonic_ns()
-        n = len(batch)
-        size = batch[0].size if n == 1 else sum(it.size for it in batch)
+        n = batch[0].requests if len(batch) == 1 else sum(it.requests for it in batch)
+        size = batch[0].size if len(batch) == 1 else sum(it.size for it in batch)
         st = self.stats
         st.inference_count += size
         st.execution_count += 1
@@ -539,11 +552,11 @@ class DynamicBatcher:
         bs.compute_infer.add(infer_ns)
         bs.compute_output.add(out_ns)
         for it, part, q in zip(batch, parts, queue_ns, strict=True):
-            st.queue.add(q)
+            st.queue.add(q * it.requests, it.requests)
             if it.future.done():
                 continue
-            st.success.add(now - it.enqueued_ns)
+            st.success.add((now - it.enqueued_ns) * it.requests, it.requests)
             it.future.set_result(part)
         if self._observer is not None:
-            self._observer.on_batch(size, n, queue_ns, in_ns + infer_ns + out_ns, True)
+            self._observer.on_batch(size, len(batch), queue_ns, in_ns + infer_ns + out_ns, True)
         self._maybe_idle()

@@ -324,16 +324,18 @@ class ModelManager:
         inputs: Mapping[str, np.ndarray],
         deadline: float | None = None,
         priority: int = 0,
+        requests: int = 1,
     ) -> Arrays:
         """One request through the version's dynamic batcher; `priority` is the request's v2 ``priority``
-        parameter (0 = default level; lower values are taken from the queue first)."""
+        parameter (0 = default level; lower values are taken from the queue first); `requests`: the
+        client requests it carries (a gateway's merged request counts each in the statistics)."""
         if sv.decoupled:
             raise InvalidArgument(f"model '{sv.name}' is decoupled: call it with ModelStreamInfer")
         sv.last_used_ms = _now_ms()
         metrics = sv.metrics
         metrics.requests += 1
         try:
-            return await sv.batcher.submit(inputs, deadline, priority)
+            return await sv.batcher.submit(inputs, deadline, priority, requests)
         except BaseException:
             metrics.failures += 1
             raise

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from mesh import codec
+from mesh.codec import COALESCED_REQUESTS, MAX_COALESCED_REQUESTS
 from mesh.errors import Internal, InvalidArgument, MeshError, ModelNotFound, NotFound
 from mesh.logging import request_id_var
 from mesh.server import bounded_message, grpc_error_mode
@@ -299,7 +300,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except MeshError:
             manager.count_failure(sv, time.monotonic_ns())
             raise
-        outputs = await manager.infer(sv, inputs, deadline, codec.request_priority(request))
+        params = request.parameters
+        requests = 1
+        if params and COALESCED_REQUESTS in params:
+            requests = min(max(1, params[COALESCED_REQUESTS].int64_param), MAX_COALESCED_REQUESTS)
+        outputs = await manager.infer(sv, inputs, deadline, codec.request_priority(request), requests)
         return codec.encode_response(_response(sv, request), _select_outputs(sv, request, outputs))
 
     async def ModelStreamInfer(

@@ -228,8 +228,27 @@ def _coalesced_calls() -> tuple[float, float]:
     return count, total
 
 
+async def _digits_counts(env: Env) -> tuple[int, int, int]:
+    """(success requests, compute_infer requests, executions) of digits in the gateway's statistics."""
+    stats = await env.client.get_inference_statistics("digits", str(env.digits))
+    (s,) = stats.model_stats
+    return s.inference_stats.success.count, s.inference_stats.compute_infer.count, s.execution_count
+
+
+async def test_statistics_asked_by_alias_answer_with_the_alias(env: Env) -> None:
+    # perf_analyzer -x stable looks for the statistics entry of the version it asked for.
+    c1, _ = env.canary
+    by_alias = await env.client.get_inference_statistics("canary", "stable")
+    by_number = await env.client.get_inference_statistics("canary", str(c1))
+    assert [s.version for s in by_alias.model_stats] == ["stable"]
+    assert [s.version for s in by_number.model_stats] == [str(c1)]
+    config = (await env.client.get_model_config("digits")).config
+    assert config.dynamic_batching.default_queue_policy.allow_timeout_override
+
+
 async def test_coalesced_requests_equal_single_requests(env: Env) -> None:
     calls_before, merged_before = _coalesced_calls()
+    counts_before = await _digits_counts(env)
     batches = [1 + (i % 4) for i in range(48)]
     inputs = [pixels(b, seed=100 + i) for i, b in enumerate(batches)]
     assert env.stack.gateway is not None
@@ -258,6 +277,12 @@ async def test_coalesced_requests_equal_single_requests(env: Env) -> None:
         calls, merged = _coalesced_calls()
         # 48 requests at once cannot all find a free upstream slot: some were merged into shared calls.
         assert merged - merged_before > calls - calls_before > 0
+        # The statistics count the clients' requests, as Triton's do (perf_analyzer compares them with
+        # what it sent), and the model's executions apart.
+        counts = await _digits_counts(env)
+        success, computed, executions = (a - b for a, b in zip(counts, counts_before, strict=True))
+        assert success == computed == 48, (success, computed)
+        assert executions < 48
         # By default a CPU worker gets one upstream call in flight per version (more queue and merge).
         service = env.stack.gateway.service
         assert [e.device for e in env.stack.gateway.picker.version_info("digits", env.digits).endpoints] == [
