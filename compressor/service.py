@@ -16,12 +16,14 @@ from pathlib import Path
 from compressor import runner
 from compressor.artifacts import LOADABLE_FORMATS, load_parent
 from compressor.methods import METHODS, StepSpec, validate_steps
+from compressor.methods.base import resolve_params
 from compressor.methods.distill import build_student, check_student_fits
 from compressor.methods.prune import linear_chain
 from compressor.queue import JS, TERMINAL, Claim, JobQueue, now_ms, state_name
 from compressor.settings import CompressorSettings
 from mesh.aio import wait_event
 from mesh.errors import (
+    AlreadyExists,
     Cancelled,
     FailedPrecondition,
     InvalidArgument,
@@ -91,12 +93,13 @@ class CompressorService:
 
     # ------------------------------------------------------------------ API
     async def submit(self, req: compressor_pb2.SubmitJobRequest) -> compressor_pb2.Job:
-        """Validates everything a job needs, then queues it. Resubmitting a job_id returns that job."""
+        """Validates everything a job needs, then queues it. Resubmitting a job_id with the same request
+        returns that job (whatever its state); with a different request, ALREADY_EXISTS."""
         job_id = req.job_id or uuid.uuid4().hex[:16]
         if not _JOB_ID.match(job_id):
             raise InvalidArgument(f"job_id: {req.job_id!r} must match {_JOB_ID.pattern}")
         with contextlib.suppress(NotFound):
-            return await self.queue.get(job_id)
+            return self._same_job(req, await self.queue.get(job_id))
         device = runner.resolve_device(req.device, self.settings.device)
         if not (0.0 <= req.max_accuracy_drop <= 1.0):
             raise InvalidArgument(
@@ -153,14 +156,43 @@ class CompressorService:
             device=str(device),
         )
         job, created = await self.queue.create(job)
-        if created:
-            logger.info(
-                "job %s queued: %s:%s %s",
-                job_id,
-                parent.ref.name,
-                parent.ref.version,
-                [s.method for s in steps],
-            )
+        if not created:
+            # A concurrent submit with this id won the race: it is the same job only if it asked the same.
+            return self._same_job(req, job)
+        logger.info(
+            "job %s queued: %s:%s %s", job_id, parent.ref.name, parent.ref.version, [s.method for s in steps]
+        )
+        return job
+
+    def _same_job(self, req: compressor_pb2.SubmitJobRequest, job: compressor_pb2.Job) -> compressor_pb2.Job:
+        """The existing job when `req` asks for what it records; ALREADY_EXISTS naming the first
+        difference otherwise, so a reused --job-id never silently answers with another job.
+
+        The job holds the resolved request (source version, step defaults, device), so `req` is
+        resolved the same way; a version of 0 (the default) matches whatever the job resolved it to."""
+        where = f"job_id: job {job.job_id!r} exists with different parameters"
+        if req.source.name != job.source.name:
+            raise AlreadyExists(f"{where} (source.name {job.source.name!r}, not {req.source.name!r})")
+        if req.source.version and req.source.version != job.source.version:
+            raise AlreadyExists(f"{where} (source.version {job.source.version}, not {req.source.version})")
+        asked = [s.method for s in req.steps]
+        recorded = [s.method for s in job.steps]
+        if asked != recorded:
+            raise AlreadyExists(f"{where} (steps {recorded}, not {asked})")
+        for i, (ask, rec) in enumerate(zip(req.steps, job.steps, strict=True)):
+            spec = METHODS[ask.method]
+            params = resolve_params(spec.params, dict(ask.params), f"steps[{i}]")
+            if params != dict(rec.params) or dict(ask.options) != dict(rec.options):
+                raise AlreadyExists(f"{where} (steps[{i}] params or options differ)")
+        for name, value in (
+            ("max_accuracy_drop", req.max_accuracy_drop),
+            ("canary_percent", req.canary_percent),
+        ):
+            if value != getattr(job, name):
+                raise AlreadyExists(f"{where} ({name} {getattr(job, name):g}, not {value:g})")
+        device = str(runner.resolve_device(req.device, self.settings.device))
+        if device != job.device:
+            raise AlreadyExists(f"{where} (device {job.device!r}, not {device!r})")
         return job
 
     async def get(self, job_id: str) -> compressor_pb2.Job:

@@ -228,7 +228,9 @@ async def build_demo(
         live = [mv for mv in previous if mv.state not in _DEAD]
         if live and not force:
             mv = live[-1]
-            report(f"{name}: version {mv.ref.version} already built ({key}); skipping (use force to rebuild)")
+            report(
+                f"{name}: version {mv.ref.version} already built ({key}); skipping (maas demo build --force rebuilds it)"
+            )
             if mv.min_replicas < min_replicas:
                 mv.min_replicas = min_replicas
                 mv = await registry.update_version(mv)

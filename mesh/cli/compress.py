@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
+import grpc
 import typer
+from rich.markup import escape
 
 from mesh.cli.common import console, err_console, run
 
@@ -19,7 +22,7 @@ AddressOpt = Annotated[
     ),
 ]
 
-jobs_app = typer.Typer(name="jobs", help="Compression jobs: list, show, cancel.", no_args_is_help=True)
+jobs_app = typer.Typer(name="jobs", help="Compression jobs: list, show, watch, cancel.", no_args_is_help=True)
 
 
 def _address(address: str | None) -> str:
@@ -85,6 +88,53 @@ def _job_dict(job: Any) -> dict[str, Any]:
     return MessageToDict(job, preserving_proto_field_name=True)
 
 
+def _unknown_keys(steps: list[Any], params: dict[str, float], options: dict[str, str]) -> str | None:
+    """The first --param (or --student) no step of this job knows, with the keys that are known;
+    None when every key has a step. Without this a typo (spasity=0.9) runs with the default."""
+    from compressor.methods import METHODS
+
+    specs = [METHODS.get(s.method) for s in steps]
+    if any(spec is None for spec in specs):
+        return None  # an unknown method: the server's error names it, which is the first thing to fix
+    for key in list(params) + list(options):
+        if not any(key in spec.params or key in spec.options for spec in specs if spec is not None):
+            known = sorted({k for spec in specs if spec is not None for k in (*spec.params, *spec.options)})
+            methods = ", ".join(s.method for s in steps)
+            flag = "--student" if key == "student" and key in options else f"--param {key}"
+            return (
+                f"{flag}: no step of this job ({methods}) knows {key!r} (known: {', '.join(known) or 'none'})"
+            )
+    return None
+
+
+def _finish(final: Any) -> None:
+    """The final report and state; exits 1 unless the job succeeded (the result passed the gate)."""
+    if final.report.latency_batch:
+        _print_report(final)
+    style = "green" if _state(final) == "SUCCEEDED" else "red"
+    console.print(f"[{style}]{_state(final)}[/{style}] {final.message}")
+    if _state(final) != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+def _interrupted(job_id: str) -> NoReturn:
+    """Ctrl-C stops following, not the job: say so, and how to get it back or stop it."""
+    err_console.print(
+        f"stopped following; job [bold]{job_id}[/bold] continues on the compressor.\n"
+        f"  follow it: maas jobs watch {job_id}\n  cancel it: maas jobs cancel {job_id}",
+        highlight=False,
+    )
+    raise typer.Exit(130)
+
+
+def _status_line(job: Any) -> str:
+    """`RUNNING 40% (distill epoch 3/10)`: where a job is, for a job attached to or watched again."""
+    line = _state(job)
+    if _state(job) == "RUNNING":
+        line += f" {job.progress:.0%}"
+    return f"{line} ({job.stage})" if job.stage and job.stage.lower() != line.lower() else line
+
+
 async def _follow(stub: Any, job: Any) -> Any:
     """Follows WatchJob with a rich progress bar; returns the final job."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -129,7 +179,11 @@ def compress(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     job_id: Annotated[
-        str, typer.Option(help="Client-chosen job id (a resubmission returns the same job).")
+        str,
+        typer.Option(
+            help="Client-chosen job id: resubmitting the same request attaches to that job (in whatever "
+            "state it is); another request with a used id is refused (ALREADY_EXISTS)."
+        ),
     ] = "",
     detach: Annotated[bool, typer.Option("--detach", help="Submit and return without following.")] = False,
     address: AddressOpt = None,
@@ -150,32 +204,47 @@ def compress(
         p = {k: v for k, v in params.items() if spec is None or k in spec.params}
         o = {k: v for k, v in options.items() if spec is None or k in spec.options}
         steps.append(compressor_pb2.Step(method=name, params=p, options=o))
+    unknown = _unknown_keys(steps, params, options)
+    if unknown:
+        err_console.print(f"[red]INVALID_ARGUMENT[/red]: {escape(unknown)}", highlight=False)
+        raise typer.Exit(2)
     req = compressor_pb2.SubmitJobRequest(
         source=common_pb2.ModelRef(name=model, version=version), steps=steps, max_accuracy_drop=max_accuracy_drop,
         canary_percent=canary, device=device, job_id=job_id,
     )  # fmt: skip
 
+    submitted: list[str] = []  # the job id, once known, for the Ctrl-C message
+
     async def go() -> Any:
         async with open_channel(_address(address)) as channel:
             stub = _stub(channel)
+            existed = False
+            if job_id:
+                # A reused id attaches to the job it names (the server refuses a different request).
+                with contextlib.suppress(grpc.RpcError):
+                    await stub.GetJob(compressor_pb2.GetJobRequest(job_id=job_id))
+                    existed = True
             job = await stub.SubmitJob(req)
-            console.print(
-                f"job [bold]{job.job_id}[/bold] queued: {model}:{job.source.version} "
-                f"{' → '.join(s.method for s in job.steps)}"
-            )
+            submitted.append(job.job_id)
+            what = f"{model}:{job.source.version} {' → '.join(s.method for s in job.steps)}"
+            if existed:
+                console.print(f"job [bold]{job.job_id}[/bold] exists, {_status_line(job)}: {what}")
+            else:
+                console.print(f"job [bold]{job.job_id}[/bold] {_status_line(job).lower()}: {what}")
             if detach:
                 return job
+            console.print("following it (Ctrl-C stops following, not the job)", style="dim")
             return await _follow(stub, job)
 
-    final = run(go)
+    try:
+        final = run(go)
+    except KeyboardInterrupt:
+        if not submitted:
+            raise typer.Exit(130) from None
+        _interrupted(submitted[0])
     if detach:
         return
-    if final.report.latency_batch:
-        _print_report(final)
-    style = "green" if _state(final) == "SUCCEEDED" else "red"
-    console.print(f"[{style}]{_state(final)}[/{style}] {final.message}")
-    if _state(final) != "SUCCEEDED":
-        raise typer.Exit(1)
+    _finish(final)
 
 
 @jobs_app.command("list")
@@ -195,8 +264,11 @@ def list_jobs(
 
     resp = run(go)
     table = Table()
-    for col in ("job", "state", "source", "methods", "result", "progress", "created"):
-        table.add_column(col)
+    # The id is what the other commands take, so it is never cut; the other columns wrap.
+    width = max((len(job.job_id) for job in resp.jobs), default=3)
+    table.add_column("job", no_wrap=True, min_width=width)
+    for col in ("state", "source", "methods", "result", "progress", "created"):
+        table.add_column(col, overflow="fold")
     for job in resp.jobs:
         table.add_row(
             job.job_id, _state(job), f"{job.source.name}:{job.source.version}",
@@ -238,6 +310,28 @@ def show_job(
         _print_report(job)
     if job.message:
         console.print(job.message)
+
+
+@jobs_app.command("watch")
+def watch_job(job_id: str, address: AddressOpt = None) -> None:
+    """Follow a job again (after --detach or Ctrl-C) until it ends; exits 1 unless it succeeds."""
+    from mesh.server import open_channel
+    from mesh_pb import compressor_pb2
+
+    async def go() -> Any:
+        async with open_channel(_address(address)) as channel:
+            stub = _stub(channel)
+            job = await stub.GetJob(compressor_pb2.GetJobRequest(job_id=job_id))
+            console.print(
+                f"job [bold]{job.job_id}[/bold] {_status_line(job)} (Ctrl-C stops watching, not the job)"
+            )
+            return await _follow(stub, job)
+
+    try:
+        final = run(go)
+    except KeyboardInterrupt:
+        _interrupted(job_id)
+    _finish(final)
 
 
 @jobs_app.command("cancel")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -60,10 +59,24 @@ def build(
     from rich.console import Console
     from rich.table import Table
 
+    from mesh.cli.common import run
     from mesh.settings import MeshSettings
+    from workers.demo import DEMO_MODELS
+    from workers.models.encoder import encoder_config
 
     settings = MeshSettings()
     names = _parse_models(models)
+    # Bad names are usage errors, caught before anything connects or trains.
+    unknown = [n for n in names if n not in DEMO_MODELS]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown demo model(s) {', '.join(unknown)}; expected some of {', '.join(DEMO_MODELS)}",
+            param_hint="--models",
+        )
+    try:
+        encoder_config(encoder_size)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--encoder-size") from None
     console = Console(log_path=False)
     with console.status("building demo models…") as status:
 
@@ -71,20 +84,19 @@ def build(
             status.update(message)
             console.log(message)
 
-        versions = asyncio.run(
-            _run(
-                settings,
-                names,
-                encoder_size,
-                force,
-                redis_url or settings.redis_url,
-                store_dir or settings.store_dir,
-                key_prefix or settings.key_prefix,
-                digits_epochs,
-                tinylm_steps,
-                progress,
-                replicas,
-            )
+        versions = run(
+            _run,
+            settings,
+            names,
+            encoder_size,
+            force,
+            redis_url or settings.redis_url,
+            store_dir or settings.store_dir,
+            key_prefix or settings.key_prefix,
+            digits_epochs,
+            tinylm_steps,
+            progress,
+            replicas,
         )
     table = Table(title="demo versions")
     for column in ("model", "version", "state", "format", "dtype", "artifact", "accuracy"):
@@ -121,6 +133,7 @@ async def _run(
     progress: Callable[[str], None],
     replicas: int = 1,
 ) -> list[common_pb2.ModelVersion]:
+    from mesh.errors import Unavailable
     from mesh.redis_embed import EmbeddedRedis
     from mesh.registry import Registry
     from mesh.store import ArtifactStore
@@ -143,7 +156,10 @@ async def _run(
             embedded = EmbeddedRedis(data_dir, persist=True)
             url = embedded.start()
     try:
-        registry = await Registry.connect(url, key_prefix)
+        try:
+            registry = await Registry.connect(url, key_prefix)
+        except Exception as exc:  # connection refused, missing socket: one line, as open_registry says it
+            raise Unavailable(f"cannot reach the registry at {url}: {exc}") from None
         try:
             return await build_demo(
                 registry,

@@ -9,13 +9,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
+from rich.markup import escape
 
+from mesh.cli.common import err_console
 from mesh.codec import DATATYPES
 
 if TYPE_CHECKING:
     from rich.console import Console
 
 DEFAULT_URL = "127.0.0.1:8001"
+# workers.models.tinylm.MAX_GENERATE_TOKENS, copied because importing it loads torch into every `maas`
+# start; tests/integration/test_cli.py keeps the two equal.
+TINYLM_MAX_TOKENS = 2048
 
 app = typer.Typer(help="Send one inference request with tritonclient.")
 
@@ -58,14 +63,44 @@ def parse_input(spec: str, datatypes: dict[str, str]) -> tuple[str, np.ndarray]:
             f"--input {name}: the model has no input {name!r} (inputs: {sorted(datatypes)})"
         )
     if value.startswith("@"):
-        array = np.load(Path(value[1:]), allow_pickle=False)
+        try:
+            array = np.load(Path(value[1:]), allow_pickle=False)
+        except (OSError, ValueError) as exc:  # missing, unreadable, not .npy, or pickled objects
+            raise typer.BadParameter(
+                f"--input {name}: cannot read {value[1:]!r} as a .npy array: {exc}"
+            ) from None
     elif datatype == "BYTES":
         array = np.array([value], dtype=np.object_)
     else:
-        array = np.array([[float(v) for v in value.split(",") if v.strip()]])
+        try:
+            array = np.array([[float(v) for v in value.split(",") if v.strip()]])
+        except ValueError:
+            raise typer.BadParameter(
+                f"--input {name}: {value!r} is not a comma-separated list of numbers (or use @file.npy)"
+            ) from None
     if datatype != "BYTES":
-        array = array.astype(_NUMPY[datatype])
+        try:
+            array = array.astype(_NUMPY[datatype])
+        except (TypeError, ValueError) as exc:
+            raise typer.BadParameter(
+                f"--input {name}: cannot convert {array.dtype} data to {datatype}: {exc}"
+            ) from None
     return name, array
+
+
+def _values(arr: np.ndarray) -> str:
+    """An output's values as the result table shows them (text for BYTES, rounded numbers otherwise)."""
+    if arr.dtype == np.object_:
+        return ", ".join(
+            v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in arr.ravel()[:8]
+        )
+    return np.array2string(arr, precision=4, threshold=40, max_line_width=100)
+
+
+def _error_line(exc: Any) -> str:
+    """`CODE: message`, as every other maas command prints an error (tritonclient's str() does not)."""
+    status = str(exc.status() or "ERROR").removeprefix("StatusCode.")
+    return f"[red]{status}[/red]: {escape(exc.message() or str(exc))}"
 
 
 def _show_outputs(
@@ -77,13 +112,7 @@ def _show_outputs(
     for col in ("output", "datatype", "shape", "values"):
         table.add_column(col)
     for name, arr in outputs.items():
-        if arr.dtype == np.object_:
-            shown = ", ".join(
-                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in arr.ravel()[:8]
-            )
-        else:
-            shown = np.array2string(arr, precision=4, threshold=40, max_line_width=100)
-        table.add_row(name, str(arr.dtype), str(list(arr.shape)), shown)
+        table.add_row(name, str(arr.dtype), str(list(arr.shape)), _values(arr))
     console.print(table)
     for name, arr in outputs.items():
         if (
@@ -106,15 +135,21 @@ def _stream(
     timeout_s: float,
     prompt: str = "",
 ) -> None:
-    """ModelStreamInfer: prints each response's text as it arrives until the final response."""
+    """ModelStreamInfer: prints BYTES outputs as running text as they arrive, every other output
+    on its own line as the unary result shows it, until the final response."""
     responses: queue.Queue[tuple[Any, Any]] = queue.Queue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)), headers=headers)
+    # triton_grpc_error: a failed request ends the stream with its status code (INVALID_ARGUMENT, ...)
+    # instead of an error_message response that carries no code, so errors read as in the unary path.
+    stream_headers = {**(headers or {}), "triton_grpc_error": "true"}
+    client.start_stream(callback=lambda result, error: responses.put((result, error)), headers=stream_headers)
     t0 = time.perf_counter()
     first_ms = None
     count = 0
+    mid_line = False  # streamed text was printed without a newline yet
     for tensor in inputs:
         if tensor.datatype() == "BYTES" and prompt:
             console.print(prompt, end="", style="dim", markup=False, highlight=False, soft_wrap=True)
+            mid_line = True
             break
     try:
         client.async_stream_infer(
@@ -126,7 +161,9 @@ def _stream(
             except queue.Empty:
                 raise typer.BadParameter(f"no stream response within {timeout_s:.0f} s") from None
             if error is not None:
-                console.print(f"\n[red]error[/red]: {error}")
+                if mid_line:
+                    console.print()
+                err_console.print(_error_line(error), highlight=False)
                 raise typer.Exit(1)
             response = result.get_response()
             final = response.parameters.get("triton_final_response")
@@ -138,15 +175,27 @@ def _stream(
                     arr = result.as_numpy(out.name)
                     if arr is None:
                         continue
-                    for item in arr.ravel():
-                        text = item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
-                        console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+                    if out.datatype == "BYTES":
+                        for item in arr.ravel():
+                            text = item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
+                            console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+                            mid_line = True
+                        continue
+                    if mid_line:
+                        console.print()
+                        mid_line = False
+                    console.print(
+                        f"{out.name} {out.datatype}{list(arr.shape)}: {_values(arr)}",
+                        markup=False,
+                        highlight=False,
+                    )
             if final is not None and final.bool_param:
                 break
     finally:
         client.stop_stream()
     total_ms = (time.perf_counter() - t0) * 1000
-    console.print()
+    if mid_line:
+        console.print()
     console.print(
         f"[dim]{count} responses, first after {first_ms or 0:.1f} ms, total {total_ms:.1f} ms[/dim]",
         highlight=False,
@@ -163,7 +212,12 @@ def infer(
         str | None, typer.Option("--text", help="Text for the model's BYTES input (prompt).")
     ] = None,
     max_tokens: Annotated[
-        int | None, typer.Option("--max-tokens", help="tinylm: characters to generate.")
+        int | None,
+        typer.Option(
+            "--max-tokens",
+            help=f"tinylm: characters to generate (at least 1; the model caps larger values at "
+            f"{TINYLM_MAX_TOKENS}).",
+        ),
     ] = None,
     stream: Annotated[
         bool, typer.Option("--stream", help="ModelStreamInfer (decoupled models stream).")
@@ -246,8 +300,7 @@ def infer(
         outputs = {out.name: result.as_numpy(out.name) for out in response.outputs}
         _show_outputs(console, outputs, elapsed_ms, response.model_name, response.model_version)
     except InferenceServerException as exc:
-        status = str(exc.status() or "ERROR").removeprefix("StatusCode.")
-        Console(stderr=True).print(f"[red]{status}[/red]: {exc.message()}")
+        err_console.print(_error_line(exc), highlight=False)
         raise typer.Exit(1) from None
     finally:
         client.close()

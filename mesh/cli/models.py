@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +15,7 @@ from rich.table import Table
 
 from mesh.cli.common import cli_errors, console, open_registry, run
 from mesh.errors import InvalidArgument
-from mesh.registry import state_name
+from mesh.registry import DTYPES, FORMATS, state_name, validate_signature
 from mesh.settings import MeshSettings
 from mesh.store import ArtifactStore
 from mesh.versions import version_number
@@ -28,6 +30,34 @@ RedisOpt = Annotated[
 
 def _when(ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000)) if ms else ""
+
+
+def split_text(traffic: Sequence[common_pb2.TrafficWeight]) -> str:
+    """`v1 90%, v2 10%`: the share each version gets, since weights are relative (1=9 2=1 is 90/10)."""
+    total = sum(t.weight for t in traffic if t.weight > 0)
+    if total <= 0:
+        return "none"
+    return ", ".join(f"v{t.version} {_percent(100.0 * t.weight / total)}" for t in traffic if t.weight > 0)
+
+
+def _percent(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0") + "%"
+
+
+def _lineage_row(v: common_pb2.ModelVersion) -> list[str]:
+    """A compressed version's key figures (`--json` has every metric): parent, methods, accuracy and
+    its change in points, size and latency as fractions of the parent's."""
+    m = v.lineage.metrics
+    accuracy = f"{m['accuracy']:.3f}" if "accuracy" in m else ""
+    if "accuracy" in m and "parent_accuracy" in m:
+        accuracy += f" ({100.0 * (m['accuracy'] - m['parent_accuracy']):+.1f} pt)"
+    size = latency = ""
+    if m.get("size_bytes") and m.get("parent_size_bytes"):
+        size = f"×{m['size_bytes'] / m['parent_size_bytes']:.2f}"
+    if m.get("latency_ms") and m.get("parent_latency_ms"):
+        latency = f"×{m['latency_ms'] / m['parent_latency_ms']:.2f}"
+    methods = " → ".join(v.lineage.methods)
+    return [str(v.ref.version), f"v{v.lineage.parent_version}", methods, accuracy, size, latency]
 
 
 def _sig(sig: common_pb2.Signature) -> str:
@@ -50,7 +80,7 @@ def list_models(redis_url: RedisOpt = None) -> None:
         for m in models:
             ready = [str(v.ref.version) for v in m.versions if v.state == common_pb2.READY]
             aliases = ", ".join(f"{a}→{v}" for a, v in sorted(m.aliases.items()))
-            traffic = ", ".join(f"v{t.version}:{t.weight:g}" for t in m.traffic)
+            traffic = split_text(m.traffic) if m.traffic else ""
             table.add_row(m.name, str(len(m.versions)), ", ".join(ready), aliases, traffic)
         console.print(table)
 
@@ -67,21 +97,33 @@ def show(model: str, redis_url: RedisOpt = None, as_json: bool = typer.Option(Fa
         if as_json:
             console.print_json(json_format.MessageToJson(m, preserving_proto_field_name=True))
             return
-        table = Table(
-            title=f"{m.name}  aliases: {dict(m.aliases)}  traffic: {[(t.version, t.weight) for t in m.traffic]}"
-        )
-        for col in ("version", "state", "format", "dtype", "signature", "lineage", "created", "reason"):
-            table.add_column(col)
+        aliases = ", ".join(f"{a}→{v}" for a, v in sorted(m.aliases.items())) or "none"
+        console.print(f"[bold]{m.name}[/bold]  aliases: {aliases}  traffic: {split_text(m.traffic)}")
+        # Versions of a model nearly always share one signature (compression keeps it): printed once,
+        # the table keeps room at 80 columns; lineage figures get a table of their own.
+        signatures = {_sig(v.signature) for v in m.versions}
+        if len(signatures) == 1:
+            console.print(f"signature: {signatures.pop()}", highlight=False)
+        table = Table(title="versions")
+        for col in ("version", "state", "format", "dtype", "created"):
+            table.add_column(col, no_wrap=True)
+        if len(signatures) > 1:
+            table.add_column("signature", overflow="fold")
+        table.add_column("reason", overflow="fold")
         for v in m.versions:
-            lineage = ""
-            if v.lineage.methods:
-                metrics = ", ".join(f"{k}={val:.4g}" for k, val in sorted(v.lineage.metrics.items()))
-                lineage = f"v{v.lineage.parent_version} → {'+'.join(v.lineage.methods)} ({metrics})"
-            table.add_row(
-                str(v.ref.version), state_name(v.state), v.format, v.dtype, _sig(v.signature), lineage,
-                _when(v.created_ms), v.reason,
-            )  # fmt: skip
+            row = [str(v.ref.version), state_name(v.state), v.format, v.dtype, _when(v.created_ms)]
+            if len(signatures) > 1:
+                row.append(_sig(v.signature))
+            table.add_row(*row, v.reason)
         console.print(table)
+        compressed = [v for v in m.versions if v.lineage.methods]
+        if compressed:
+            lineage = Table(title="lineage (size, latency: × the parent's; --json has every metric)")
+            for col in ("version", "parent", "methods", "accuracy", "size", "latency"):
+                lineage.add_column(col, overflow="fold")
+            for v in compressed:
+                lineage.add_row(*_lineage_row(v))
+            console.print(lineage)
 
     run(go)
 
@@ -98,8 +140,17 @@ def register(
     format: Annotated[
         str, typer.Option(help="torch_export | torchscript | onnx | module_state")
     ] = "torch_export",
-    dtype: str = "fp32",
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16")] = "fp32",
     max_queue_delay_us: int = typer.Option(0, help="Dynamic batching delay; 0 = batching off."),
+    store_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--store-dir",
+            help="Model store the artifact is copied into (default: MAAS_STORE_DIR, else var/models under "
+            "the current directory). It must be the store the workers of the --redis-url registry read, "
+            "or the version fails to load.",
+        ),
+    ] = None,
     redis_url: RedisOpt = None,
 ) -> None:
     """Copies an artifact into the store and registers it as the model's next version."""
@@ -109,18 +160,31 @@ def register(
             sig = json_format.Parse(signature.read_text(), common_pb2.Signature())
         except (json_format.ParseError, json.JSONDecodeError) as exc:
             raise InvalidArgument(f"signature: {signature} is not a valid Signature JSON: {exc}") from None
-        settings = MeshSettings()
-        store = ArtifactStore(settings.store_dir)
+        # What the registry would refuse is refused before the artifact is copied (no orphan upload).
+        if format not in FORMATS:
+            raise InvalidArgument(f"format: {format!r} is not one of {sorted(FORMATS)}")
+        if dtype not in DTYPES:
+            raise InvalidArgument(f"dtype: {dtype!r} is not one of fp32, fp16, bf16")
+        validate_signature(sig)
+        store = ArtifactStore(store_dir or MeshSettings().store_dir)
         async with open_registry(redis_url) as reg:
-            staged = store.put_file(model, f"upload-{int(time.time() * 1000)}", artifact, artifact.name)
+            upload = f"upload-{int(time.time() * 1000)}"
+            staged = store.put_file(model, upload, artifact, artifact.name)
             req = registry_pb2.RegisterVersionRequest(
                 model=model, artifact_uri=staged.uri, sha256=staged.sha256, format=format, signature=sig,
                 dtype=dtype,
                 batching=common_pb2.BatchingConfig(enabled=max_queue_delay_us > 0, max_queue_delay_us=max_queue_delay_us),
             )  # fmt: skip
-            mv = await reg.register_version(req)
+            try:
+                mv = await reg.register_version(req)
+            except BaseException:
+                # Refused (or interrupted): no version references the copy, so it goes.
+                shutil.rmtree(store.resolve(staged.uri).parent, ignore_errors=True)
+                raise
         console.print(
-            f"registered [bold]{model}[/bold] version {mv.ref.version} ({state_name(mv.state)}), sha256 {mv.sha256[:12]}…"
+            f"registered [bold]{model}[/bold] version {mv.ref.version} ({state_name(mv.state)}), "
+            f"sha256 {mv.sha256[:12]}…, artifact {mv.artifact_uri} in the store {store.root}",
+            highlight=False,
         )
 
     run(go)
@@ -167,7 +231,7 @@ def traffic(
             pairs.append((number, share))
         async with open_registry(redis_url) as reg:
             m = await reg.set_traffic(model, pairs)
-        console.print(f"{model} traffic: {[(t.version, t.weight) for t in m.traffic]}")
+        console.print(f"{model} traffic: {split_text(m.traffic)}")
 
     run(go)
 

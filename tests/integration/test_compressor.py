@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -9,10 +13,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner, Result
 
 from compressor.app import CompressorApp, start_compressor
 from compressor.settings import CompressorSettings
 from compressor.testing import digits_teacher, register_digits
+from mesh.cli import app as cli_app
 from mesh.registry import Registry
 from mesh.store import ArtifactStore
 from mesh_pb import common_pb2, compressor_pb2, compressor_pb2_grpc
@@ -266,3 +272,78 @@ def test_numpy_reference_sanity() -> None:
     # The held-out split the tests score on is the one registered with the model.
     _, (_, _, x_eval, y_eval) = digits_teacher()
     assert x_eval.shape == (360, 64) and np.isin(y_eval, np.arange(10)).all()
+
+
+LONG_ID = "distill-digits-mlp-32-a-long-client-chosen-job-id-01"
+
+
+async def _maas(*args: str) -> Result:
+    # The CLI runs its own event loop: it runs in a thread while the compressor serves on this one.
+    return await asyncio.to_thread(CliRunner().invoke, cli_app, list(args), env={"COLUMNS": "80"})
+
+
+async def test_cli_job_id_reuse_watch_list_and_unknown_params(
+    compressor: CompressorApp,
+    stub: compressor_pb2_grpc.CompressorServiceStub,
+    digits: common_pb2.ModelVersion,
+) -> None:
+    address = ["--address", compressor.address]
+    # A --param no step knows is refused before anything is submitted, naming the key and the known ones.
+    result = await _maas("compress", "digits", "-m", "prune_unstructured", "-p", "bogus=1", *address)
+    assert result.exit_code == 2 and "bogus" in result.output and "sparsity" in result.output, result.output
+    result = await _maas("compress", "digits", "-m", "int8", "--student", "digits_mlp:32", *address)
+    assert result.exit_code == 2 and "--student" in result.output, result.output
+    assert (await stub.ListJobs(compressor_pb2.ListJobsRequest())).jobs == []
+
+    long_job = ["compress", "digits", "-m", "distill", "--student", "digits_mlp:32", "-p", "epochs=5000"]
+    long_job += ["--max-accuracy-drop", "0.05", "--job-id", LONG_ID, "--detach", *address]
+    result = await _maas(*long_job)
+    assert result.exit_code == 0 and f"{LONG_ID} queued" in result.output.replace("\n", ""), result.output
+    async for event in stub.WatchJob(compressor_pb2.WatchJobRequest(job_id=LONG_ID), timeout=60):
+        if event.job.state == JS.JOB_RUNNING:
+            break
+    try:
+        # The same request attaches and says where the job really is.
+        result = await _maas(*long_job)
+        assert result.exit_code == 0 and "exists, RUNNING" in result.output, result.output
+        # The same id with another request is refused, by the service and so by the CLI.
+        other = compressor_pb2.SubmitJobRequest(
+            source=common_pb2.ModelRef(name="digits"), job_id=LONG_ID, max_accuracy_drop=0.05,
+            steps=[step("distill", {"student": "digits_mlp:32"}, epochs=4000)],
+        )  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.SubmitJob(other)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert (err.value.details() or "").startswith("job_id:") and "steps[0]" in (err.value.details() or "")
+        result = await _maas(*[a if a != "epochs=5000" else "epochs=4000" for a in long_job])
+        assert result.exit_code == 1 and "ALREADY_EXISTS" in result.output, result.output
+
+        # `jobs list` at 80 columns never cuts the id.
+        result = await _maas("jobs", "list", *address)
+        assert result.exit_code == 0 and LONG_ID in result.output.split(), result.output
+
+        # Ctrl-C while watching leaves the job running and says how to follow or cancel it.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mesh.cli", "jobs", "watch", LONG_ID, *address,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+        )  # fmt: skip
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert LONG_ID.encode() in first and b"Ctrl-C" in first, first
+        proc.send_signal(signal.SIGINT)
+        out, err_text = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 130, (out, err_text)
+        assert (
+            f"maas jobs watch {LONG_ID}".encode() in err_text
+            and f"maas jobs cancel {LONG_ID}".encode() in err_text
+        )
+        assert b"Traceback" not in err_text
+        job = await stub.GetJob(compressor_pb2.GetJobRequest(job_id=LONG_ID))
+        assert job.state == JS.JOB_RUNNING
+    finally:
+        await stub.CancelJob(compressor_pb2.CancelJobRequest(job_id=LONG_ID))
+
+    # `jobs watch` follows the job to its end and exits as compress does (1 unless it succeeded).
+    result = await _maas("jobs", "watch", LONG_ID, *address)
+    assert result.exit_code == 1 and "CANCELLED" in result.output, result.output

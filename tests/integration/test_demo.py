@@ -161,3 +161,27 @@ def test_cli_build(redis_url: str, prefix: str, tmp_path: Path) -> None:
             await registry.close()
 
     assert asyncio.run(replicas()) == 2
+
+
+def test_cli_build_errors_are_one_line_and_a_rerun_names_force(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    from mesh.cli.demo import app
+
+    base = ["build", "--key-prefix", prefix, "--store-dir", str(tmp_path / "store")]
+    cases = [
+        (["--models", "nosuch", "--redis-url", redis_url], 2, "nosuch"),
+        (["--models", "encoder", "--encoder-size", "huge", "--redis-url", redis_url], 2, "huge"),
+        (["--models", "encoder", "--encoder-size", "tiny", "--redis-url", "redis://127.0.0.1:1"], 1, "UNAVAILABLE"),
+    ]  # fmt: skip
+    for extra, code, message in cases:
+        result = CliRunner().invoke(app, base + extra, env={"COLUMNS": "200"})
+        assert result.exit_code == code and message in result.output, result.output
+        assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+
+    args = [*base, "--models", "encoder", "--encoder-size", "tiny", "--redis-url", redis_url]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    again = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert again.exit_code == 0 and "skipping (maas demo build --force rebuilds it)" in again.output, (
+        again.output
+    )
