@@ -899,10 +899,6 @@ class GatewayService:
                     continue
                 if key in totals and key in addresses[address]:
                     _merge_stats(totals[key], stats)
-        if version and len(totals) == 1 and not version.isdigit():
-            # Asked by alias ("stable"): the answer carries the version as asked, which is how
-            # perf_analyzer (-x stable) finds the entry it wants.
-            next(iter(totals.values())).version = version
         return pb.ModelStatisticsResponse(model_stats=[totals[k] for k in sorted(totals)])
 
     # ------------------------------------------------------------------ repository
