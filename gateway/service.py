@@ -112,6 +112,42 @@ def _merge_stats(dst: Any, src: Any) -> None:
             _add_duration(getattr(mine_rs, field), getattr(rs, field))
 
 
+class _SeenStats:
+    """One worker's statistics for one version: what it reported last, plus what it had counted before
+    its counters started again from zero (it restarted, or reloaded the version)."""
+
+    __slots__ = ("carried", "last")
+
+    def __init__(self) -> None:
+        self.last: Any = None
+        self.carried: Any = None
+
+    def update(self, stats: Any) -> None:
+        last = self.last
+        if last is not None and (
+            stats.inference_count < last.inference_count
+            or stats.execution_count < last.execution_count
+            or stats.inference_stats.success.count < last.inference_stats.success.count
+        ):
+            if self.carried is None:
+                self.carried = pb.ModelStatistics(name=last.name, version=last.version)
+            _merge_stats(self.carried, last)
+            del self.carried.memory_usage[:]  # memory of a life that ended
+        self.last = stats
+
+    def add_to(self, total: Any, serving: bool) -> None:
+        """Adds this worker's counts to `total`; its memory only while it still serves the version."""
+        if self.carried is not None:
+            _merge_stats(total, self.carried)
+        last = self.last
+        if last is not None:
+            if not serving and last.memory_usage:
+                last = pb.ModelStatistics()
+                last.CopyFrom(self.last)
+                del last.memory_usage[:]
+            _merge_stats(total, last)
+
+
 def _is_final(response: Any) -> bool:
     if response.error_message:
         return True
@@ -362,6 +398,8 @@ class GatewayService:
         # (model, version) -> (the signature it was built from, its inputs prepared for validate_request)
         self._specs: dict[tuple[str, int], tuple[Any, InputSpecs]] = {}
         self._closing: dict[str, asyncio.TimerHandle] = {}
+        # (worker address, model, version) -> the statistics that worker reported for it, every life.
+        self._stats_seen: dict[tuple[str, str, int], _SeenStats] = {}
         # Open client streams (their outboxes), and whether the gateway is stopping (drain).
         self._streams: set[_Outbox] = set()
         self._draining = False
@@ -898,8 +936,21 @@ class GatewayService:
                 except ValueError:
                     continue
                 if key in totals and key in addresses[address]:
-                    _merge_stats(totals[key], stats)
+                    self._worker_stats(address, key).update(stats)
+        # Every worker that ever served the version counts, with what it reported last: the totals only
+        # grow, as a Triton server's do (perf_analyzer subtracts two readings, and failed a run in
+        # which a killed worker's counts dropped out of the sum).
+        for (address, model, v), seen in self._stats_seen.items():
+            total = totals.get((model, v))
+            if total is not None:
+                seen.add_to(total, (model, v) in addresses.get(address, ()))
         return pb.ModelStatisticsResponse(model_stats=[totals[k] for k in sorted(totals)])
+
+    def _worker_stats(self, address: str, key: tuple[str, int]) -> _SeenStats:
+        seen = self._stats_seen.get((address, *key))
+        if seen is None:
+            seen = self._stats_seen[(address, *key)] = _SeenStats()
+        return seen
 
     # ------------------------------------------------------------------ repository
 

@@ -93,11 +93,21 @@ async def test_worker_killed_under_load_loses_no_request(redis_url: str, prefix:
         load.start()
         await asyncio.sleep(1.0)
         before = load.ok
+        counted = await _served(load.client)
+        unseen = load.ok - before + load.concurrency  # answered by w0 after its last report, at most
         procs[0].kill()
         await asyncio.sleep(2.5)
         assert load.ok > before, "no request completed after the kill"
         await load.stop()
         assert load.failures == Counter(), load.failures
+        # The gateway's statistics only grow, as a Triton server's do: the dead worker's counts stay in
+        # the sum (perf_analyzer subtracts two readings, and failed when they dropped out).
+        stats_client = aioclient.InferenceServerClient(gateway.address)
+        try:
+            served = await _served(stats_client)
+        finally:
+            await stats_client.close()
+        assert served >= load.ok - unseen and counted > 0, (served, load.ok, unseen, counted)
         # Requests that met the dead worker were retried on the other replica.
         retries = REGISTRY.get_sample_value("maas_gateway_retries_total", {"model": "digits"}) or 0.0
         assert retries > retries_before
@@ -113,6 +123,11 @@ async def test_worker_killed_under_load_loses_no_request(redis_url: str, prefix:
             p.stop()
         await router.stop(0)
         await registry.close()
+
+
+async def _served(client: aioclient.InferenceServerClient) -> int:
+    stats = await client.get_inference_statistics("digits")
+    return sum(m.inference_stats.success.count for m in stats.model_stats)
 
 
 async def test_router_restart_under_load_loses_no_request(
