@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit
 
 import grpc
@@ -42,6 +45,17 @@ DEFAULT_PORTS = {"gateway": 8001, "metrics": 8002, "router": 8101, "worker": 820
 
 class StackError(RuntimeError):
     """A service did not start, or the stack could not be brought up."""
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on host:port (a port in TIME_WAIT after a stop counts as free)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass
@@ -243,6 +257,7 @@ class Stack:
         self._colors: dict[str, str] = {}
         self._print_lock = threading.Lock()
         self.crashed: list[tuple[str, int]] = []
+        self._lock: IO[str] | None = None
 
     # ---- logs ---------------------------------------------------------------------------------------
     def _print_line(self, name: str, line: str) -> None:
@@ -425,11 +440,54 @@ class Stack:
         self.compressor = self._spawn("compressor", "compressor", self._env("compressor", env))
         return self._await_child(self.compressor, bind)
 
+    def _claim(self) -> None:
+        """Refuses to start a second stack on this var dir, or one whose fixed ports are taken: it would
+        share the first one's Redis files, and its services, failing to bind, would find the first
+        stack's services answering on their ports and report a mesh that is not theirs."""
+        cfg = self.config
+        lock_path = cfg.var_dir / "up.lock"
+        lock = lock_path.open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise StackError(
+                f"another mesh.up (pid {holder}) runs on {cfg.var_dir}: stop it (Ctrl-C) first, or give "
+                "this one its own --var-dir and --ephemeral-ports"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock = lock  # held for this process's life
+        if cfg.ephemeral:
+            return
+        ports = {"gateway": int(cfg.gateway_bind.rsplit(":", 1)[1]), "router": cfg.router_port}
+        if cfg.metrics_port > 0:
+            ports["gateway metrics"] = cfg.metrics_port
+        if cfg.router_metrics_port > 0:
+            ports["router metrics"] = cfg.router_metrics_port
+        for i in range(cfg.workers):
+            ports[f"worker-{i}"] = cfg.worker_base_port + i
+            if cfg.worker_metrics_base_port > 0:
+                ports[f"worker-{i} metrics"] = cfg.worker_metrics_base_port + i
+        if cfg.compressor:
+            ports["compressor"] = cfg.compressor_port
+        taken = [f"{port} ({name})" for name, port in ports.items() if not _port_free(cfg.host, port)]
+        if taken:
+            raise StackError(
+                f"port(s) {', '.join(taken)} already in use on {cfg.host}: another mesh or service holds "
+                "them; stop it, or run with --ephemeral-ports"
+            )
+
     def start(self) -> None:
         """Brings everything up in dependency order; on any failure stops what started and raises."""
         cfg = self.config
         cfg.var_dir.mkdir(parents=True, exist_ok=True)
         cfg.store.mkdir(parents=True, exist_ok=True)
+        self._claim()
         try:
             self.start_redis()
             if cfg.demo:
@@ -536,6 +594,9 @@ class Stack:
         if self._redis is not None:
             self._stop_redis()
             self._redis = None
+        if self._lock is not None:  # the var dir is free for the next stack
+            self._lock.close()
+            self._lock = None
 
     def _stop_redis(self) -> None:
         """SHUTDOWN (flushes the append-only file), then reap; the blocked signals cannot stop it."""

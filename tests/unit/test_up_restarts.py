@@ -1,11 +1,16 @@
-"""mesh.up's restart policy: when a crashed service starts again, and on which port."""
+"""mesh.up's supervision: when a crashed service starts again, on which ports, and what it refuses."""
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import time
+from pathlib import Path
 
-from mesh.up import Child, Restarts
+import pytest
+
+from mesh.up import Child, Restarts, Stack, StackConfig, StackError
 
 
 def test_delay_doubles_while_a_service_keeps_crashing_and_resets_once_it_ran() -> None:
@@ -95,3 +100,43 @@ def test_a_respawned_service_keeps_its_metrics_port() -> None:
         assert again.env["MAAS_ROUTER_METRICS_PORT"] == "0"
     finally:
         again.wait(10.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_second_stack_on_one_var_dir_is_refused(tmp_path: Path) -> None:
+    # Two `make up` on one checkout would share one Redis's files, and the second's services, failing to
+    # bind, would find the first's answering on their ports.
+    first = Stack(StackConfig(var_dir=tmp_path, ephemeral=True))
+    first._claim()
+    second = Stack(StackConfig(var_dir=tmp_path, ephemeral=True))
+    with pytest.raises(StackError, match=rf"another mesh.up \(pid {os.getpid()}\) runs on"):
+        second.start()
+    first.stop()  # releases the var dir
+    second._claim()
+    second.stop()
+
+
+def test_taken_ports_are_named_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        config = StackConfig(
+            var_dir=tmp_path,
+            gateway_bind=f"127.0.0.1:{_free_port()}",
+            metrics_port=_free_port(),
+            router_port=taken,
+            router_metrics_port=_free_port(),
+            worker_base_port=_free_port(),
+            worker_metrics_base_port=_free_port(),
+            compressor=False,
+        )
+        stack = Stack(config)
+        with pytest.raises(StackError, match=rf"port\(s\) {taken} \(router\) already in use"):
+            stack.start()
+    assert not (tmp_path / "redis").exists()  # nothing was started
