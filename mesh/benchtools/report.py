@@ -69,7 +69,8 @@ requests answered). What the parts cost, measured in-process while tuning:
   while perf_analyzer had seen it answer in 0.28-0.37 ms a minute before. The run of 18:31, after
   that evening's fixes (streams bounded, statistics per client request, compressed requests bounded;
   none of them on the unary path's hot loop), measured +0.45 / +0.43 ms, both within the goal, with
-  the echo at 0.52 ms. Three processes passing one request along on two shared vCPUs suffer
+  the echo at 0.52 ms; the run of 18:57, on a busier stretch (echo 0.70 ms, and the bare stream proxy
+  alone adding +0.94 ms), measured +0.92 / +0.49 ms. Three processes passing one request along on two shared vCPUs suffer
   the host's noise more than two: in the noisy runs every process's CPU per request rose, the
   gateway's and the worker's about twice as much as on a quiet stretch, and even the client's own CPU
   per request rose by a third in the gateway scenario against the direct one, with the same client
