@@ -20,6 +20,11 @@ LATENCY = Histogram(
 RETRIES = Counter("maas_gateway_retries_total", "Requests retried on another replica", ["model"])
 IN_FLIGHT = Gauge("maas_gateway_in_flight", "Inference requests being served")
 STREAMS = Gauge("maas_gateway_streams", "Open ModelStreamInfer streams")
+STREAM_REQUESTS = Counter(
+    "maas_gateway_stream_requests_total",
+    "Requests answered on ModelStreamInfer streams (their final response), by model and outcome",
+    ["model", "outcome"],
+)
 STREAM_QUEUED = Gauge(
     "maas_gateway_stream_queued",
     "Responses held for ModelStreamInfer clients that have not read them yet (bounded per stream)",
@@ -46,6 +51,7 @@ class _Children:
         self._latency: dict[str, Any] = {}
         self._retries: dict[str, Any] = {}
         self._coalesced: dict[str, tuple[Any, Any]] = {}
+        self._streamed: dict[tuple[str, bool], Any] = {}
 
     def observe(self, model: str, version: str, code: str, seconds: float) -> None:
         key = (model, version, code)
@@ -62,6 +68,13 @@ class _Children:
         child = self._retries.get(model)
         if child is None:
             child = self._retries[model] = RETRIES.labels(model)
+        child.inc()
+
+    def streamed(self, model: str, ok: bool) -> None:
+        key = (model, ok)
+        child = self._streamed.get(key)
+        if child is None:
+            child = self._streamed[key] = STREAM_REQUESTS.labels(model, "ok" if ok else "error")
         child.inc()
 
     def coalesced(self, model: str, requests: int, rows: int) -> None:

@@ -722,6 +722,12 @@ class GatewayService:
                 elif isinstance(item, MeshError):
                     raise item
                 else:
+                    if _is_final(item):
+                        answer = item.infer_response
+                        # A model name counts once resolved (it has a version): clients' typos make no series.
+                        METRICS.streamed(
+                            answer.model_name if answer.model_version else "_unknown", not item.error_message
+                        )
                     yield item
                 if self._draining and not len(out) and idle():
                     return  # drained: the stream ends with OK, every request it sent answered

@@ -470,7 +470,24 @@ async def _stream_texts(
 async def test_stream_passes_through_with_final_flags_and_errors(env: Env) -> None:
     lm, _ = load_module_state(env.art.tinylm_path)
     reqs = [("s1", "tinylm", "hello", 9), ("bad", "no-such-model", "x", 3), ("s2", "tinylm", "abc", 6)]
+
+    def streamed(model: str, outcome: str) -> float:
+        sample = REGISTRY.get_sample_value(
+            "maas_gateway_stream_requests_total", {"model": model, "outcome": outcome}
+        )
+        return sample or 0.0
+
+    ok_before, unknown_before = streamed("tinylm", "ok"), streamed("_unknown", "error")
     texts, errors, finals = await asyncio.wait_for(_stream_texts(env, reqs), 60)
+    # Each streamed request counts once, at its final response; a client's unknown model adds no series.
+    assert streamed("tinylm", "ok") - ok_before == 2
+    assert streamed("_unknown", "error") - unknown_before == 1
+    assert (
+        REGISTRY.get_sample_value(
+            "maas_gateway_stream_requests_total", {"model": "no-such-model", "outcome": "error"}
+        )
+        is None
+    )
     assert texts["s1"] == "".join(lm.generate("hello", 9))  # type: ignore[operator]
     assert texts["s2"] == "".join(lm.generate("abc", 6))  # type: ignore[operator]
     assert finals == {"s1": True, "s2": True}
