@@ -327,6 +327,11 @@ class Picker:
             # but excluded (the caller wants another worker), the answer stays Unavailable.
             ejected = [] if self._usable(entry) else [e for e in entry.healthy if e.worker_id not in exclude]
             if not ejected:
+                if not entry.info.endpoints:
+                    raise Unavailable(
+                        f"version: {model} version {version} is not loaded on any worker (unloaded, or "
+                        "being placed)"
+                    )
                 raise Unavailable(f"version: no healthy worker serves {model} version {version}")
             ep = min(ejected, key=_cost)
         ep.load.in_flight += 1

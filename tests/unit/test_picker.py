@@ -135,8 +135,12 @@ def test_traffic_skips_version_without_endpoints() -> None:
     p = _picker(_table(versions=versions, traffic=[(1, 50.0), (2, 50.0)]))
     assert {p.resolve("digits", "", f"r{i}") for i in range(100)} == {1}
     # Naming the version explicitly still reaches it, and it is unavailable.
-    with pytest.raises(Unavailable):
+    with pytest.raises(Unavailable, match="no healthy worker serves digits version 2"):
         p.acquire("digits", p.resolve("digits", "2"))
+    # A version on no worker at all (an operator unloaded it) says so.
+    unplaced = _picker(_table(versions={1: [_ep("w1")], 3: []}))
+    with pytest.raises(Unavailable, match="digits version 3 is not loaded on any worker"):
+        unplaced.acquire("digits", 3)
 
 
 def test_p2c_prefers_less_loaded() -> None:
