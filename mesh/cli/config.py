@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import typer
 from pydantic.fields import FieldInfo
@@ -79,9 +82,24 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def set_here(cls: type[BaseSettings], variable: str, environ: Mapping[str, str]) -> str:
+    """The value this shell's environment gives `variable` ("" when unset); secrets are masked."""
+    value = environ.get(variable)
+    if value is None:
+        return ""
+    for name, info in cls.model_fields.items():
+        if env_name(cls, name, info) == variable and "Secret" in str(info.annotation):
+            return "(set, secret)"
+    url = urlsplit(value)
+    if url.password:  # redis://user:password@host: the password stays out of the terminal
+        return value.replace(f":{url.password}@", ":***@", 1)
+    return value
+
+
 @app.command()
 def show(as_markdown: bool = typer.Option(False, "--markdown", help="Print docs/configuration.md.")) -> None:
-    """Lists every setting: environment variable, default, meaning."""
+    """Lists every setting: environment variable, default, meaning, and the value this shell sets, if any
+    (what the services and `maas` started from here would read)."""
     if as_markdown:
         print(markdown(), end="")
         return
@@ -89,8 +107,8 @@ def show(as_markdown: bool = typer.Option(False, "--markdown", help="Print docs/
         module, _, attr = target.partition(":")
         cls = getattr(importlib.import_module(module), attr)
         table = Table(title=service)
-        for col in ("variable", "default", "meaning"):
+        for col in ("variable", "default", "set here", "meaning"):
             table.add_column(col)
-        for row in rows(cls, own_only=service != "common"):
-            table.add_row(*row)
+        for variable, default, doc in rows(cls, own_only=service != "common"):
+            table.add_row(variable, default, set_here(cls, variable, os.environ), doc)
         console.print(table)

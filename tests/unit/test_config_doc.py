@@ -36,3 +36,15 @@ def test_common_settings_read_one_variable_name(monkeypatch: object) -> None:
     mp.setenv("MAAS_KEY_PREFIX", "p1")  # type: ignore[attr-defined]
     s = WorkerSettings()
     assert s.redis_url == "redis://example:1/0" and s.key_prefix == "p1"
+
+
+def test_show_names_what_this_shell_sets_and_masks_secrets() -> None:
+    from gateway.settings import GatewaySettings
+    from mesh.cli.config import set_here
+
+    environ = {"MAAS_REDIS_URL": "unix:///tmp/x.sock", "MAAS_GATEWAY_ROUTER_API_KEY": "mk_secret"}
+    assert set_here(MeshSettings, "MAAS_REDIS_URL", environ) == "unix:///tmp/x.sock"
+    assert set_here(MeshSettings, "MAAS_KEY_PREFIX", environ) == ""
+    with_password = {"MAAS_REDIS_URL": "redis://app:hunter2@db:6379/0"}
+    assert set_here(MeshSettings, "MAAS_REDIS_URL", with_password) == "redis://app:***@db:6379/0"
+    assert set_here(GatewaySettings, "MAAS_GATEWAY_ROUTER_API_KEY", environ) == "(set, secret)"
