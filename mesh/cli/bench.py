@@ -252,7 +252,9 @@ def direct(
 
 @app.command()
 def gateway(
-    url: Annotated[str, typer.Option("--url", envvar="MAAS_URL", help="host:port of the gateway.")] = "127.0.0.1:8001",
+    url: Annotated[
+        str, typer.Option("--url", envvar="MAAS_URL", help="host:port of the gateway.")
+    ] = "127.0.0.1:8001",
     model: Annotated[str, typer.Option("--model", help="digits or encoder.")] = "digits",
     version: Annotated[
         str, typer.Option("--version", help="Version or alias; empty = the model's default.")
