@@ -36,8 +36,14 @@ def create(
         if role not in roles:
             raise InvalidArgument(f"role: {role!r} is not infer or admin")
         async with open_registry(redis_url) as reg:
+            known = {m.name for m in await reg.list_models()}
             key_id, token = await reg.create_api_key(name, roles[role], model, rate)
         console.print(f"key id: {key_id}\ntoken (shown once): [bold]{token}[/bold]")
+        unknown = sorted(set(model) - known)
+        if unknown:  # allowed (a model registered later), but more often a typo
+            console.print(
+                f"[yellow]note: no model named {', '.join(map(repr, unknown))} is registered yet[/]"
+            )
 
     run(go)
 

@@ -107,6 +107,8 @@ def test_clear_errors(env: Path) -> None:
 def test_keys(env: Path, redis_url: str, prefix: str) -> None:
     result = runner.invoke(app, ["keys", "create", "team-a", "--model", "digits", "--rate", "5"])
     assert result.exit_code == 0, result.output
+    # A scope may name a model registered later, but more often it is a typo: the CLI says so.
+    assert "no model named 'digits' is registered yet" in " ".join(result.output.split())
     token = result.output.split("token (shown once): ")[1].split()[0]
     key = on_registry(redis_url, prefix, lambda r: r.verify_api_key(token))
     assert key is not None and key.models == ["digits"]
