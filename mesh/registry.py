@@ -151,6 +151,16 @@ def _check_name(value: str, field_name: str) -> None:
         )
 
 
+def validate_artifact(format: str, dtype: str, signature: common_pb2.Signature) -> None:
+    """What register_version requires of a version's artifact description: a known format and dtype,
+    a valid signature (the CLI checks it before copying an upload into the store)."""
+    if format not in FORMATS:
+        raise InvalidArgument(f"format: {format!r} is not one of {sorted(FORMATS)}")
+    if dtype not in DTYPES:
+        raise InvalidArgument(f"dtype: {dtype!r} is not one of fp32, fp16, bf16")
+    validate_signature(signature)
+
+
 def validate_signature(sig: common_pb2.Signature, field_name: str = "signature") -> None:
     """Refuses signatures a worker could not serve; the message names the offending field."""
     if not sig.inputs:
@@ -280,11 +290,7 @@ class Registry:
             raise InvalidArgument("artifact_uri: must not be empty")
         if not re.fullmatch(r"[0-9a-f]{64}", req.sha256):
             raise InvalidArgument(f"sha256: {req.sha256!r} is not 64 lowercase hex digits")
-        if req.format not in FORMATS:
-            raise InvalidArgument(f"format: {req.format!r} is not one of {sorted(FORMATS)}")
-        if req.dtype not in DTYPES:
-            raise InvalidArgument(f"dtype: {req.dtype!r} is not one of fp32, fp16, bf16")
-        validate_signature(req.signature)
+        validate_artifact(req.format, req.dtype, req.signature)
         state = req.state or VS.REGISTERED
         if state not in INITIAL_STATES:
             raise InvalidArgument(f"state: a version cannot be registered as {state_name(state)}")

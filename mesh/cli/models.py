@@ -15,7 +15,7 @@ from rich.table import Table
 
 from mesh.cli.common import cli_errors, console, open_registry, run
 from mesh.errors import InvalidArgument
-from mesh.registry import DTYPES, FORMATS, state_name, validate_signature
+from mesh.registry import state_name, validate_artifact
 from mesh.settings import MeshSettings
 from mesh.store import ArtifactStore
 from mesh.versions import version_number
@@ -161,11 +161,7 @@ def register(
         except (json_format.ParseError, json.JSONDecodeError) as exc:
             raise InvalidArgument(f"signature: {signature} is not a valid Signature JSON: {exc}") from None
         # What the registry would refuse is refused before the artifact is copied (no orphan upload).
-        if format not in FORMATS:
-            raise InvalidArgument(f"format: {format!r} is not one of {sorted(FORMATS)}")
-        if dtype not in DTYPES:
-            raise InvalidArgument(f"dtype: {dtype!r} is not one of fp32, fp16, bf16")
-        validate_signature(sig)
+        validate_artifact(format, dtype, sig)
         store = ArtifactStore(store_dir or MeshSettings().store_dir)
         async with open_registry(redis_url) as reg:
             upload = f"upload-{int(time.time() * 1000)}"
