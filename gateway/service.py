@@ -166,6 +166,12 @@ def _stream_error(request_id: str, message: str, model: str = "", version: str =
     return r
 
 
+def _stream_failure(request_id: str, exc: MeshError) -> Any:
+    """A request's error on a stream that stays open; the message leads with the status code, which
+    an error_message response has no field for."""
+    return _stream_error(request_id, f"{exc.code.name}: {exc.message}")
+
+
 @dataclass(slots=True)
 class _Sent:
     """A streamed request on one upstream: its endpoint slot, itself (to resend), whether it got an answer."""
@@ -661,7 +667,7 @@ class GatewayService:
                         if grpc_error:
                             await out.put(refused)
                             return
-                        await out.put(_stream_error(request.id, f"UNAVAILABLE: {refused.message}"))
+                        await out.put(_stream_failure(request.id, refused))
                         continue
                     try:
                         await self._stream_one(
@@ -671,7 +677,7 @@ class GatewayService:
                         if grpc_error:
                             await out.put(exc)
                             return
-                        await out.put(_stream_error(request.id, f"{exc.code.name}: {exc.message}"))
+                        await out.put(_stream_failure(request.id, exc))
             finally:
                 for up in list(upstreams.values()):
                     await up.close_writing()
@@ -689,9 +695,7 @@ class GatewayService:
                 if pumper.done():  # the client already half-closed: so does this new upstream
                     await up.close_writing()
             except MeshError as exc:
-                out.put_nowait(
-                    exc if grpc_error else _stream_error(item.request.id, f"{exc.code.name}: {exc.message}")
-                )
+                out.put_nowait(exc if grpc_error else _stream_failure(item.request.id, exc))
             finally:
                 out.put_nowait(_STREAM_DONE)
 

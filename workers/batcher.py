@@ -110,8 +110,11 @@ class _Item:
     # Client requests this one stands for (a gateway merges concurrent ones): statistics count each.
     requests: int = 1
 
-    def failed(self, stats: VersionStats) -> None:
-        stats.fail.add((time.monotonic_ns() - self.enqueued_ns) * self.requests, self.requests)
+    def failed(self, stats: VersionStats, now_ns: int | None = None) -> None:
+        """Counts this item's client requests as failed, each for the time since it was queued."""
+        if now_ns is None:
+            now_ns = time.monotonic_ns()
+        stats.fail.add((now_ns - self.enqueued_ns) * self.requests, self.requests)
 
 
 class BatchObserver:
@@ -519,7 +522,7 @@ class DynamicBatcher:
             log.warning("model %s raised %s: %s", self.name, type(exc).__name__, exc)
         now = time.monotonic_ns()
         for it in batch:
-            self.stats.fail.add((now - it.enqueued_ns) * it.requests, it.requests)
+            it.failed(self.stats, now)
             self._fail(it, err)
         if self._observer is not None:
             self._observer.on_batch(batch[0].size, 1, queue_ns, now - start_ns, False)
